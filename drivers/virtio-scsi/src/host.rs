@@ -1,0 +1,701 @@
+//! The SCSI host: brings the device up, finds its disks, and runs block I/O on them.
+//!
+//! Data flow for one block request: split into commands that honour the device's limits
+//! (`max_sectors`, the Block Limits VPD page, the slot size) → pick a request queue → fill a
+//! slot → add to the ring and notify → the completion thread pops the used entry → the
+//! submitter decodes the response and copies data out. Retries happen only for conditions
+//! where retrying is right (UNIT ATTENTION, BUSY, TASK SET FULL, becoming ready).
+//!
+//! Threads: any number of submitters (each blocks on its own command), plus one completion
+//! thread that sleeps on the device interrupt (`Platform::wait_irq`) and drains the used rings.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use platform::{IrqWait, Platform};
+use scsi_commands as scsi;
+use virtio_drivers::device::common::Feature;
+use virtio_drivers::queue::VirtQueue;
+use virtio_drivers::transport::{DeviceStatus, Transport};
+
+use crate::disk::Disk;
+use crate::error::DriverError;
+use crate::hal::{DmaArena, ShmHal};
+use crate::queue::{DataDir, RequestQueue, SlotGuard};
+use crate::transport::{IsrReader, PciTransport};
+use crate::wire::{self, CmdResponse, Response, ScsiConfig};
+
+/// Descriptors of the control and event queues.
+const SMALL_QUEUE_SIZE: usize = 64;
+/// How often the completion thread wakes without an interrupt (a safety net and a health check;
+/// nothing spins).
+const IDLE_WAKE: Duration = Duration::from_millis(250);
+/// Attempts for a command whose error says "try again".
+const MAX_ATTEMPTS: u32 = 8;
+
+/// Host settings.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Request queues to use (capped by the device's `num_queues`); `None` = all.
+    pub queues: Option<usize>,
+    /// Data bytes per command slot (larger requests are split).
+    pub slot_bytes: usize,
+    /// How long one command may take before it is reported as timed out.
+    pub command_timeout: Duration,
+    /// Highest target id to scan (capped by the device's `max_target`).
+    pub max_scan_target: u16,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            queues: None,
+            slot_bytes: 128 * 1024,
+            command_timeout: Duration::from_secs(60),
+            max_scan_target: 255,
+        }
+    }
+}
+
+/// Data of one command.
+pub enum Data<'a> {
+    /// No data phase.
+    None,
+    /// The device fills this buffer.
+    In(&'a mut [u8]),
+    /// The device reads this buffer.
+    Out(&'a [u8]),
+}
+
+impl Data<'_> {
+    fn reborrow(&mut self) -> Data<'_> {
+        match self {
+            Data::None => Data::None,
+            Data::In(b) => Data::In(b),
+            Data::Out(b) => Data::Out(b),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Data::None => 0,
+            Data::In(b) => b.len(),
+            Data::Out(b) => b.len(),
+        }
+    }
+}
+
+/// What the device reported for a command that succeeded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transferred(pub usize);
+
+/// A running virtio-scsi host adapter.
+pub struct ScsiHost {
+    platform: Arc<dyn Platform>,
+    /// Config-space and status accesses (not on the I/O path).
+    transport: Mutex<PciTransport>,
+    config: ScsiConfig,
+    features: u64,
+    queues: Vec<RequestQueue>,
+    /// Set up so the device is complete; task management and events use them later.
+    _control: Mutex<VirtQueue<ShmHal, SMALL_QUEUE_SIZE>>,
+    _event: Mutex<VirtQueue<ShmHal, SMALL_QUEUE_SIZE>>,
+    disks: RwLock<Vec<Arc<Disk>>>,
+    next_tag: AtomicU64,
+    stop: AtomicBool,
+    down: Mutex<Option<String>>,
+    isr: IsrReader,
+    completion: Mutex<Option<JoinHandle<()>>>,
+    cfg: HostConfig,
+    /// Last: queues and slots above point into it.
+    _arena: DmaArena,
+}
+
+impl ScsiHost {
+    /// Finds the device, initialises it (virtio 1.2 §3.1.1), sets up every queue, starts the
+    /// completion thread and scans for disks.
+    pub fn start(platform: Arc<dyn Platform>, cfg: HostConfig) -> Result<Arc<Self>, DriverError> {
+        // SAFETY: the platform keeps its DMA window mapped for its own lifetime, and the host
+        // holds an Arc to the platform for at least as long as the arena lives; the window is
+        // used by nothing else in the process.
+        let arena = unsafe { DmaArena::register(platform.dma_window()) }
+            .map_err(|e| DriverError::Init(e.to_string()))?;
+        let mut transport = PciTransport::probe(platform.clone())?;
+
+        // Reset, then negotiate. VERSION_1 is all we need. Not negotiated, on purpose:
+        // RING_EVENT_IDX (virtio-drivers 0.13's `should_notify` compares `avail_idx >=
+        // avail_event + 1` without wrap-around, so it would stop notifying after 65536
+        // commands; the used-ring NO_NOTIFY flag gives us batching instead), INDIRECT_DESC
+        // (a heap-allocated descriptor table per command, and 3 direct descriptors suffice),
+        // HOTPLUG/CHANGE (until the event queue is serviced), T10_PI, INOUT.
+        transport.set_status(DeviceStatus::empty());
+        let negotiated = transport.begin_init(Feature::VERSION_1);
+        if !negotiated.contains(Feature::VERSION_1) {
+            return Err(DriverError::Init(
+                "device does not offer VIRTIO_F_VERSION_1".into(),
+            ));
+        }
+        if !transport.get_status().contains(DeviceStatus::FEATURES_OK) {
+            return Err(DriverError::Init("device refused our features".into()));
+        }
+        platform.health()?;
+        let config = read_config(&mut transport)?;
+        log::info!("virtio-scsi config: {config:?}");
+
+        let device_queues = transport.num_queues();
+        if device_queues < 3 {
+            return Err(DriverError::Init(format!(
+                "device has {device_queues} virtqueues, needs at least 3"
+            )));
+        }
+        let available = usize::from(device_queues - 2).min(config.num_queues.max(1) as usize);
+        let nreq = cfg.queues.unwrap_or(available).clamp(1, available);
+
+        let control = {
+            let _scope = arena.scope();
+            VirtQueue::<ShmHal, SMALL_QUEUE_SIZE>::new(&mut transport, 0, false, false)
+                .map_err(|e| DriverError::Init(format!("control queue: {e}")))?
+        };
+        let event = {
+            let _scope = arena.scope();
+            VirtQueue::<ShmHal, SMALL_QUEUE_SIZE>::new(&mut transport, 1, false, false)
+                .map_err(|e| DriverError::Init(format!("event queue: {e}")))?
+        };
+        let mut queues = Vec::with_capacity(nreq);
+        for i in 0..nreq {
+            queues.push(
+                RequestQueue::new(
+                    &mut transport,
+                    &arena,
+                    2 + i as u16,
+                    config.cdb_size as usize,
+                    config.sense_size as usize,
+                    cfg.slot_bytes,
+                )
+                .map_err(DriverError::Init)?,
+            );
+        }
+        transport.finish_init();
+        platform.health()?;
+        if transport
+            .get_status()
+            .contains(DeviceStatus::DEVICE_NEEDS_RESET)
+        {
+            return Err(DriverError::Init(
+                "device needs reset right after init".into(),
+            ));
+        }
+        log::info!(
+            "virtio-scsi at {}: {nreq} request queues, {} slots of {} KiB each",
+            transport.pci_address(),
+            queues[0].depth(),
+            cfg.slot_bytes / 1024
+        );
+
+        let isr = transport.isr_reader();
+        let host = Arc::new(ScsiHost {
+            platform,
+            transport: Mutex::new(transport),
+            config,
+            features: negotiated.bits(),
+            queues,
+            _control: Mutex::new(control),
+            _event: Mutex::new(event),
+            disks: RwLock::new(Vec::new()),
+            next_tag: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+            down: Mutex::new(None),
+            isr,
+            completion: Mutex::new(None),
+            cfg,
+            _arena: arena,
+        });
+        let weak = Arc::downgrade(&host);
+        let handle = std::thread::Builder::new()
+            .name("vscsi-completion".into())
+            .spawn(move || completion_loop(weak))
+            .map_err(|e| DriverError::Init(format!("completion thread: {e}")))?;
+        *host.completion.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+
+        let disks = host.scan();
+        log::info!("found {} disk(s)", disks.len());
+        *host.disks.write().unwrap_or_else(|p| p.into_inner()) =
+            disks.into_iter().map(Arc::new).collect();
+        Ok(host)
+    }
+
+    /// The device configuration as read at start-up.
+    pub fn config(&self) -> &ScsiConfig {
+        &self.config
+    }
+
+    /// Negotiated feature bits.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// The request queues.
+    pub fn queues(&self) -> &[RequestQueue] {
+        &self.queues
+    }
+
+    /// The disks found, in (target, lun) order.
+    pub fn disks(&self) -> Vec<Arc<Disk>> {
+        self.disks.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Disk number `index`.
+    pub fn disk(&self, index: usize) -> Option<Arc<Disk>> {
+        self.disks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(index)
+            .cloned()
+    }
+
+    /// `Ok` while the host works.
+    pub fn health(&self) -> Result<(), DriverError> {
+        if let Some(reason) = self.down.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(DriverError::Down(reason));
+        }
+        Ok(self.platform.health()?)
+    }
+
+    /// Fails everything still in flight, resets the device (so it stops using our memory)
+    /// and stops the completion thread. Idempotent.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.mark_down("host shut down");
+        if self.platform.health().is_ok() {
+            self.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_status(DeviceStatus::empty());
+        }
+        let handle = self
+            .completion
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle
+            && h.thread().id() != std::thread::current().id()
+        {
+            let _ = h.join();
+        }
+    }
+
+    fn mark_down(&self, reason: &str) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        if down.is_none() {
+            *down = Some(reason.to_string());
+        }
+        drop(down);
+        for q in &self.queues {
+            q.fail_all(reason);
+        }
+    }
+
+    /// The request queue for a command to `disk` from the calling thread.
+    fn pick_queue(&self, _disk: &Disk) -> &RequestQueue {
+        let cpu = self.platform.current_cpu();
+        &self.queues[cpu % self.queues.len()]
+    }
+
+    /// Runs one command on `queue`, once, and checks its response.
+    fn execute_once(
+        &self,
+        queue: &RequestQueue,
+        lun: &[u8; 8],
+        cdb: &[u8],
+        data: Data<'_>,
+    ) -> Result<Transferred, DriverError> {
+        let len = data.len();
+        if len > queue.data_cap() {
+            return Err(DriverError::Invalid(format!(
+                "{len} data bytes exceed the {}-byte slot",
+                queue.data_cap()
+            )));
+        }
+        let mut slot = queue.acquire()?;
+        let dir = match &data {
+            Data::None => DataDir::None,
+            Data::In(_) => DataDir::In,
+            Data::Out(out) => {
+                self.fill(&mut slot, lun, cdb, Some(out));
+                DataDir::Out
+            }
+        };
+        if dir != DataDir::Out {
+            self.fill(&mut slot, lun, cdb, None);
+        }
+        slot.submit(dir, len)?;
+        self.finish(&mut slot, data)
+    }
+
+    /// Writes the request header, and the out-data if any, into a slot.
+    fn fill(&self, slot: &mut SlotGuard<'_>, lun: &[u8; 8], cdb: &[u8], out: Option<&[u8]>) {
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let (header, buf) = slot.buffers_mut();
+        wire::encode_request(header, lun, tag, cdb);
+        if let Some(out) = out {
+            buf[..out.len()].copy_from_slice(out);
+        }
+    }
+
+    /// Waits for a submitted slot and decodes its response, copying in-data out.
+    fn finish(&self, slot: &mut SlotGuard<'_>, data: Data<'_>) -> Result<Transferred, DriverError> {
+        let used = slot.wait(Some(self.cfg.command_timeout))? as usize;
+        let (resp_area, buf) = slot.response();
+        let resp_copy = resp_area.to_vec();
+        // `used` counts response + in-data bytes; the response comes first.
+        let resp = CmdResponse::decode(&resp_copy, used)?;
+        if resp.response != Response::Ok {
+            return Err(DriverError::Virtio(resp.response));
+        }
+        scsi::ScsiError::from_status(resp.status.into(), &resp.sense)?;
+        let expected = data.len();
+        let resid = resp.resid as usize;
+        if resid > expected {
+            return Err(DriverError::Invalid(format!(
+                "device reported residual {resid} for a {expected}-byte transfer"
+            )));
+        }
+        let transferred = expected - resid;
+        if let Data::In(dst) = data {
+            dst[..transferred].copy_from_slice(&buf[..transferred]);
+        }
+        Ok(Transferred(transferred))
+    }
+
+    /// Runs a command, retrying where the error says so (bounded, with backoff).
+    pub fn execute(
+        &self,
+        lun: &[u8; 8],
+        cdb: &[u8],
+        mut data: Data<'_>,
+    ) -> Result<Transferred, DriverError> {
+        self.execute_on(&self.queues[0], lun, cdb, data.reborrow())
+    }
+
+    fn execute_on(
+        &self,
+        queue: &RequestQueue,
+        lun: &[u8; 8],
+        cdb: &[u8],
+        mut data: Data<'_>,
+    ) -> Result<Transferred, DriverError> {
+        let mut attempt = 0;
+        loop {
+            self.health()?;
+            match self.execute_once(queue, lun, cdb, data.reborrow()) {
+                Err(e) if e.is_retryable() && attempt + 1 < MAX_ATTEMPTS => {
+                    attempt += 1;
+                    log::debug!("retrying ({attempt}) after: {e}");
+                    std::thread::sleep(backoff(attempt, &e));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads whole blocks of `disk` starting at `lba` into `buf`.
+    pub fn read(&self, disk: &Disk, lba: u64, buf: &mut [u8]) -> Result<(), DriverError> {
+        self.block_io(disk, lba, BlockBuf::Read(buf))
+    }
+
+    /// Writes whole blocks of `disk` starting at `lba` from `buf`.
+    pub fn write(&self, disk: &Disk, lba: u64, buf: &[u8]) -> Result<(), DriverError> {
+        if disk.readonly {
+            return Err(DriverError::ReadOnly);
+        }
+        self.block_io(disk, lba, BlockBuf::Write(buf))
+    }
+
+    /// SYNCHRONIZE CACHE on the whole disk: every completed write is on the backend after.
+    pub fn flush(&self, disk: &Disk) -> Result<(), DriverError> {
+        let cdb = scsi::Cdb::synchronize_cache10();
+        self.execute_on(
+            self.pick_queue(disk),
+            &disk.lun_field,
+            cdb.as_slice(),
+            Data::None,
+        )
+        .map(|_| ())
+    }
+
+    /// Splits a block request into commands and keeps them all in flight at once.
+    fn block_io(&self, disk: &Disk, lba: u64, buf: BlockBuf<'_>) -> Result<(), DriverError> {
+        let bs = disk.block_size as usize;
+        let len = buf.len();
+        if len == 0 || len % bs != 0 {
+            return Err(DriverError::Invalid(format!(
+                "{len} bytes is not a whole number of {bs}-byte blocks"
+            )));
+        }
+        let blocks = (len / bs) as u64;
+        if lba.checked_add(blocks).is_none_or(|end| end > disk.blocks) {
+            return Err(DriverError::Invalid(format!(
+                "blocks {lba}+{blocks} beyond the end of a {}-block disk",
+                disk.blocks
+            )));
+        }
+        let queue = self.pick_queue(disk);
+        let chunk = disk.max_transfer_bytes.min(queue.data_cap()) / bs * bs;
+        if chunk == 0 {
+            return Err(DriverError::Invalid(
+                "block larger than a command slot".into(),
+            ));
+        }
+        let is_write = matches!(buf, BlockBuf::Write(_));
+        // Commands in flight: (slot, byte offset, length).
+        let mut inflight: VecDeque<(SlotGuard<'_>, usize, usize)> = VecDeque::new();
+        let mut result = Ok(());
+        let mut buf = buf;
+        let mut offset = 0;
+        while offset < len || !inflight.is_empty() {
+            // Submit while there is work and a free slot.
+            let mut submitted = false;
+            if offset < len && result.is_ok() {
+                let slot = if inflight.is_empty() {
+                    Some(queue.acquire()?)
+                } else {
+                    queue.try_acquire()?
+                };
+                if let Some(mut slot) = slot {
+                    let n = chunk.min(len - offset);
+                    let at = lba + (offset / bs) as u64;
+                    let cdb = rw_cdb(is_write, at, (n / bs) as u64)
+                        .map_err(|e| DriverError::Invalid(e.to_string()))?;
+                    let (dir, out) = match &buf {
+                        BlockBuf::Read(_) => (DataDir::In, None),
+                        BlockBuf::Write(b) => (DataDir::Out, Some(&b[offset..offset + n])),
+                    };
+                    self.fill(&mut slot, &disk.lun_field, cdb.as_slice(), out);
+                    slot.submit(dir, n)?;
+                    inflight.push_back((slot, offset, n));
+                    offset += n;
+                    submitted = true;
+                }
+            }
+            if submitted {
+                continue;
+            }
+            // Complete the oldest command.
+            let Some((mut slot, at, n)) = inflight.pop_front() else {
+                break;
+            };
+            let data = match &mut buf {
+                BlockBuf::Read(b) => Data::In(&mut b[at..at + n]),
+                BlockBuf::Write(b) => Data::Out(&b[at..at + n]),
+            };
+            let outcome = match self.finish(&mut slot, data) {
+                Ok(Transferred(t)) if t == n => Ok(()),
+                Ok(Transferred(t)) => Err(DriverError::ShortTransfer {
+                    expected: n,
+                    transferred: t,
+                }),
+                Err(e) if e.is_retryable() => {
+                    drop(slot);
+                    // Redo this piece on its own, with the bounded retry policy.
+                    let at_lba = lba + (at / bs) as u64;
+                    let cdb = rw_cdb(is_write, at_lba, (n / bs) as u64)
+                        .map_err(|e| DriverError::Invalid(e.to_string()))?;
+                    let data = match &mut buf {
+                        BlockBuf::Read(b) => Data::In(&mut b[at..at + n]),
+                        BlockBuf::Write(b) => Data::Out(&b[at..at + n]),
+                    };
+                    match self.execute_on(queue, &disk.lun_field, cdb.as_slice(), data) {
+                        Ok(Transferred(t)) if t == n => Ok(()),
+                        Ok(Transferred(t)) => Err(DriverError::ShortTransfer {
+                            expected: n,
+                            transferred: t,
+                        }),
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome
+                && result.is_ok()
+            {
+                // Stop submitting; still reap what is in flight so no slot is abandoned.
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// Finds targets and LUNs and probes each LUN.
+    fn scan(&self) -> Vec<Disk> {
+        let max_target = self.config.max_target.min(self.cfg.max_scan_target);
+        let mut disks = Vec::new();
+        for target in 0..=max_target {
+            let Ok(target) = u8::try_from(target) else {
+                break;
+            };
+            let lun0 = wire::lun_field(target, 0);
+            let mut inq = [0u8; 96];
+            let cdb = scsi::Cdb::inquiry(inq.len() as u16);
+            match self.execute(&lun0, cdb.as_slice(), Data::In(&mut inq)) {
+                Ok(_) => {}
+                Err(DriverError::Virtio(Response::BadTarget)) => continue,
+                Err(e) => {
+                    log::warn!("target {target}: INQUIRY failed: {e}");
+                    if self.health().is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            for lun in self.luns_of(target) {
+                match Disk::probe(self, target, lun) {
+                    Ok(Some(d)) => {
+                        log::info!("disk {}: {d}", disks.len());
+                        disks.push(d)
+                    }
+                    Ok(None) => {}
+                    Err(e) => log::warn!("target {target} lun {lun}: {e}"),
+                }
+            }
+        }
+        disks
+    }
+
+    /// The LUNs of `target`: REPORT LUNS, or a scan of LUNs 0-7 when that fails.
+    fn luns_of(&self, target: u8) -> Vec<u16> {
+        let lun0 = wire::lun_field(target, 0);
+        let mut buf = vec![0u8; 8 + 8 * 512];
+        let Ok(cdb) = scsi::Cdb::report_luns(buf.len() as u32) else {
+            return vec![0];
+        };
+        let max_lun = self.config.max_lun.min(0x3fff);
+        match self.execute(&lun0, cdb.as_slice(), Data::In(&mut buf)) {
+            Ok(Transferred(n)) => match scsi::ReportLuns::parse(&buf[..n]) {
+                Ok(list) => {
+                    let mut luns: Vec<u16> = list
+                        .luns
+                        .iter()
+                        .filter_map(|l| l.number().ok())
+                        .filter(|&l| u32::from(l) <= max_lun)
+                        .collect();
+                    luns.sort_unstable();
+                    luns.dedup();
+                    return luns;
+                }
+                Err(e) => log::warn!("target {target}: bad REPORT LUNS data: {e}"),
+            },
+            Err(e) => log::info!("target {target}: REPORT LUNS failed ({e}); scanning LUNs"),
+        }
+        (0..=max_lun.min(7) as u16).collect()
+    }
+}
+
+impl Drop for ScsiHost {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+enum BlockBuf<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl BlockBuf<'_> {
+    fn len(&self) -> usize {
+        match self {
+            BlockBuf::Read(b) => b.len(),
+            BlockBuf::Write(b) => b.len(),
+        }
+    }
+}
+
+fn rw_cdb(write: bool, lba: u64, blocks: u64) -> Result<scsi::Cdb, scsi::CdbError> {
+    if write {
+        scsi::Cdb::write(lba, blocks, false)
+    } else {
+        scsi::Cdb::read(lba, blocks, false)
+    }
+}
+
+fn backoff(attempt: u32, e: &DriverError) -> Duration {
+    let unit_attention = matches!(e, DriverError::Scsi(s) if s.is_unit_attention());
+    if unit_attention {
+        // The condition is cleared by reporting it: retry at once.
+        return Duration::ZERO;
+    }
+    Duration::from_millis((1u64 << attempt.min(7)).min(100))
+}
+
+/// Reads the device configuration consistently (generation counter) and fixes the sizes we
+/// depend on if the device reports nonsense.
+fn read_config(t: &mut PciTransport) -> Result<ScsiConfig, DriverError> {
+    use wire::cfg;
+    let read = |t: &PciTransport| -> Result<ScsiConfig, virtio_drivers::Error> {
+        t.read_consistent(|| {
+            Ok(ScsiConfig {
+                num_queues: t.read_config_space::<u32>(cfg::NUM_QUEUES)?,
+                seg_max: t.read_config_space::<u32>(cfg::SEG_MAX)?,
+                max_sectors: t.read_config_space::<u32>(cfg::MAX_SECTORS)?,
+                cmd_per_lun: t.read_config_space::<u32>(cfg::CMD_PER_LUN)?,
+                event_info_size: t.read_config_space::<u32>(cfg::EVENT_INFO_SIZE)?,
+                sense_size: t.read_config_space::<u32>(cfg::SENSE_SIZE)?,
+                cdb_size: t.read_config_space::<u32>(cfg::CDB_SIZE)?,
+                max_channel: t.read_config_space::<u16>(cfg::MAX_CHANNEL)?,
+                max_target: t.read_config_space::<u16>(cfg::MAX_TARGET)?,
+                max_lun: t.read_config_space::<u32>(cfg::MAX_LUN)?,
+            })
+        })
+    };
+    let mut c = read(t).map_err(|e| DriverError::Init(format!("config: {e}")))?;
+    // cdb_size and sense_size are driver-writable: insist on sizes we can use.
+    if !(16..=wire::MAX_CDB_SIZE).contains(&c.cdb_size) {
+        t.write_config_space::<u32>(cfg::CDB_SIZE, 32)
+            .map_err(|e| DriverError::Init(format!("config: {e}")))?;
+    }
+    if !(18..=wire::MAX_SENSE_SIZE).contains(&c.sense_size) {
+        t.write_config_space::<u32>(cfg::SENSE_SIZE, 96)
+            .map_err(|e| DriverError::Init(format!("config: {e}")))?;
+    }
+    c = read(t).map_err(|e| DriverError::Init(format!("config: {e}")))?;
+    if !(16..=wire::MAX_CDB_SIZE).contains(&c.cdb_size)
+        || !(18..=wire::MAX_SENSE_SIZE).contains(&c.sense_size)
+    {
+        return Err(DriverError::Init(format!(
+            "device insists on cdb_size {} / sense_size {}",
+            c.cdb_size, c.sense_size
+        )));
+    }
+    if c.seg_max == 0 {
+        // One contiguous data segment per command is all we ever use.
+        log::warn!("device reports seg_max 0; using 1 data segment per command");
+    }
+    Ok(c)
+}
+
+/// The completion thread: sleep until the interrupt line is asserted, acknowledge it at the
+/// device (ISR read, which deasserts it), then drain every request queue.
+fn completion_loop(host: Weak<ScsiHost>) {
+    loop {
+        let Some(h) = host.upgrade() else { return };
+        if h.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let woke = h.platform.wait_irq(Some(IDLE_WAKE));
+        let res = match woke {
+            Ok(IrqWait::Asserted) => h.isr.read().map(|_| ()),
+            Ok(IrqWait::TimedOut) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            log::error!("machine failed: {e}");
+            h.mark_down(&e.to_string());
+            return;
+        }
+        for q in &h.queues {
+            q.drain();
+        }
+    }
+}

@@ -1,0 +1,536 @@
+//! One request virtqueue: its ring (a `virtio_drivers::queue::VirtQueue`), a fixed pool of
+//! request slots in DMA memory, submission and completion.
+//!
+//! A slot is the DMA memory of one command: request header, response, and a data buffer of
+//! `data_cap` bytes. Slots are allocated once at start-up; nothing is allocated per request.
+//!
+//! Concurrency rules (each written next to the data too):
+//! - `QueueInner` (ring, free list, token table) is behind `RequestQueue::inner`. It is held only
+//!   to add a chain or to pop used chains, never while waiting and never with another queue's lock.
+//! - A slot's state is behind its own `SlotSync::state`. Lock order: `inner` before a slot's
+//!   `state` (the completion path); a waiter holds only its slot's `state`.
+//! - The notify (an MMIO posted write) happens after `inner` is released.
+//! - A slot whose command is in flight is never reused until the device has returned it in the
+//!   used ring, even if its submitter gave up waiting (`Orphaned`): the device may still write to
+//!   its buffers, and a reused buffer must never receive a stale command's data.
+
+use std::ptr::NonNull;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use virtio_drivers::queue::VirtQueue;
+
+use crate::hal::{DmaArena, DmaPages, ShmHal};
+use crate::transport::Notifier;
+use crate::wire::{REQ_HEADER_LEN, RESP_HEADER_LEN};
+
+/// Descriptors per virtqueue. QEMU's request queues hold 256 (`virtqueue_size`); 128 is
+/// plenty at 3 descriptors per command and keeps the rings small.
+pub const QUEUE_SIZE: usize = 128;
+/// Descriptors one command uses: request header, response, and one data buffer (the data
+/// buffer is physically contiguous, so one segment always satisfies `seg_max`).
+pub const DESC_PER_CMD: usize = 3;
+/// Offset of the response inside a slot's first page.
+const RESP_OFFSET: usize = 1024;
+/// Offset of the data buffer inside a slot.
+const DATA_OFFSET: usize = 4096;
+
+/// Direction of a command's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataDir {
+    /// No data.
+    None,
+    /// Device to driver (reads).
+    In,
+    /// Driver to device (writes).
+    Out,
+}
+
+/// Why a queue operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    /// The queue was declared broken (a device answer that made no sense, or the machine died).
+    #[error("request queue {queue} is out of service: {reason}")]
+    Broken {
+        /// Virtqueue index.
+        queue: u16,
+        /// What happened.
+        reason: String,
+    },
+    /// The command did not complete in time (the slot stays reserved until the device returns it).
+    #[error("command timed out after {0:?}")]
+    Timeout(Duration),
+    /// The device returned a used length larger than the buffers it was given.
+    #[error("device reported {used} bytes written into {capacity} bytes of buffers")]
+    BadUsedLength {
+        /// Length from the used ring.
+        used: u32,
+        /// What the chain could hold.
+        capacity: usize,
+    },
+}
+
+/// Where a slot is in its life.
+#[derive(Debug)]
+enum SlotState {
+    /// In the free list.
+    Free,
+    /// Held by a [`SlotGuard`], not submitted.
+    Owned,
+    /// Submitted; the owner waits for it.
+    InFlight,
+    /// Completed with this used length, or failed.
+    Done(Result<u32, QueueError>),
+    /// Submitted, but the owner stopped waiting: free it when the device returns it.
+    Orphaned,
+}
+
+struct SlotSync {
+    /// Protected by itself; see the module rules for lock order.
+    state: Mutex<SlotState>,
+    done: Condvar,
+}
+
+/// The DMA memory of one slot. Fixed after start-up.
+struct SlotMem {
+    mem: DmaPages,
+}
+
+/// Lengths of a chain in flight, to rebuild its buffer list when it is popped.
+#[derive(Clone, Copy, Debug)]
+struct Chain {
+    slot: u16,
+    req_len: usize,
+    resp_len: usize,
+    data_len: usize,
+    dir: DataDir,
+}
+
+/// Everything behind the queue lock.
+struct QueueInner {
+    vq: VirtQueue<ShmHal, QUEUE_SIZE>,
+    /// Free slots.
+    free: Vec<u16>,
+    /// Chain in flight by head descriptor index (the token `VirtQueue::add` returned).
+    chains: [Option<Chain>; QUEUE_SIZE],
+    /// Set once: the queue takes no more commands.
+    broken: Option<String>,
+}
+
+/// Per-queue counters.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Commands submitted.
+    pub submitted: std::sync::atomic::AtomicU64,
+    /// Commands completed (used ring entries popped).
+    pub completed: std::sync::atomic::AtomicU64,
+    /// Notifications sent.
+    pub kicks: std::sync::atomic::AtomicU64,
+}
+
+/// A request queue.
+pub struct RequestQueue {
+    index: u16,
+    notifier: Notifier,
+    /// The ring and slot bookkeeping.
+    inner: Mutex<QueueInner>,
+    /// Signalled when a slot returns to the free list.
+    slot_freed: Condvar,
+    slots: Vec<SlotSync>,
+    mem: Vec<SlotMem>,
+    req_len: usize,
+    resp_len: usize,
+    data_cap: usize,
+    /// Counters.
+    pub stats: QueueStats,
+}
+
+/// Exclusive use of one slot between [`RequestQueue::acquire`] and the end of the command.
+pub struct SlotGuard<'q> {
+    queue: &'q RequestQueue,
+    slot: u16,
+    submitted: bool,
+}
+
+impl RequestQueue {
+    /// Creates the queue's ring (which also programs it into the device through `transport`)
+    /// and `slots` request slots with `data_cap` data bytes each, all inside `arena`.
+    pub fn new(
+        transport: &mut crate::transport::PciTransport,
+        arena: &DmaArena,
+        index: u16,
+        cdb_size: usize,
+        sense_size: usize,
+        data_cap: usize,
+    ) -> Result<Self, String> {
+        let _scope = arena.scope();
+        let vq = VirtQueue::<ShmHal, QUEUE_SIZE>::new(transport, index, false, false)
+            .map_err(|e| format!("virtqueue {index}: {e}"))?;
+        let notifier = transport
+            .notifier(index)
+            .ok_or_else(|| format!("virtqueue {index}: no notify address"))?;
+        let nslots = QUEUE_SIZE / DESC_PER_CMD;
+        let req_len = REQ_HEADER_LEN + cdb_size;
+        let resp_len = RESP_HEADER_LEN + sense_size;
+        if req_len > RESP_OFFSET || RESP_OFFSET + resp_len > DATA_OFFSET {
+            return Err(format!(
+                "cdb_size {cdb_size} / sense_size {sense_size} too large"
+            ));
+        }
+        let mut mem = Vec::with_capacity(nslots);
+        for _ in 0..nslots {
+            let m = arena
+                .alloc(DATA_OFFSET + data_cap)
+                .ok_or_else(|| format!("virtqueue {index}: out of DMA memory for slots"))?;
+            mem.push(SlotMem { mem: m });
+        }
+        Ok(RequestQueue {
+            index,
+            notifier,
+            inner: Mutex::new(QueueInner {
+                vq,
+                free: (0..nslots as u16).rev().collect(),
+                chains: [None; QUEUE_SIZE],
+                broken: None,
+            }),
+            slot_freed: Condvar::new(),
+            slots: (0..nslots)
+                .map(|_| SlotSync {
+                    state: Mutex::new(SlotState::Free),
+                    done: Condvar::new(),
+                })
+                .collect(),
+            mem,
+            req_len,
+            resp_len,
+            data_cap,
+            stats: QueueStats::default(),
+        })
+    }
+
+    /// Virtqueue index.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Bytes of data one command can carry.
+    pub fn data_cap(&self) -> usize {
+        self.data_cap
+    }
+
+    /// Number of slots (commands in flight at most).
+    pub fn depth(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot_state(&self, slot: u16) -> MutexGuard<'_, SlotState> {
+        self.slots[usize::from(slot)]
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn broken_error(&self, reason: &str) -> QueueError {
+        QueueError::Broken {
+            queue: self.index,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Takes a free slot, waiting while all are in use.
+    pub fn acquire(&self) -> Result<SlotGuard<'_>, QueueError> {
+        let mut inner = self.lock();
+        loop {
+            if let Some(reason) = &inner.broken {
+                return Err(self.broken_error(reason));
+            }
+            if let Some(slot) = inner.free.pop() {
+                *self.slot_state(slot) = SlotState::Owned;
+                return Ok(SlotGuard {
+                    queue: self,
+                    slot,
+                    submitted: false,
+                });
+            }
+            inner = self
+                .slot_freed
+                .wait(inner)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Takes a free slot if one is available now.
+    pub fn try_acquire(&self) -> Result<Option<SlotGuard<'_>>, QueueError> {
+        let mut inner = self.lock();
+        if let Some(reason) = &inner.broken {
+            return Err(self.broken_error(reason));
+        }
+        Ok(inner.free.pop().map(|slot| {
+            *self.slot_state(slot) = SlotState::Owned;
+            SlotGuard {
+                queue: self,
+                slot,
+                submitted: false,
+            }
+        }))
+    }
+
+    fn ptr(&self, slot: u16, offset: usize) -> NonNull<u8> {
+        let base = self.mem[usize::from(slot)].mem.cpu_ptr();
+        // SAFETY: offsets used are inside the slot's allocation (checked in `new`).
+        unsafe { base.add(offset) }
+    }
+
+    /// Rebuilds the buffer lists of a chain. The slices point into DMA memory.
+    ///
+    /// # Safety
+    /// The chain's slot must not be accessed by anyone else while the slices live (true for a
+    /// chain being added under the queue lock by its owner, or popped after the device
+    /// returned it).
+    unsafe fn buffers(&self, c: &Chain) -> (Vec<&[u8]>, Vec<&mut [u8]>) {
+        // SAFETY: each range lies inside the slot's DMA allocation (request header at 0,
+        // response at RESP_OFFSET, data at DATA_OFFSET with data_len <= data_cap), the ranges do
+        // not overlap, and by the caller's contract nothing else accesses them meanwhile.
+        unsafe {
+            let req = std::slice::from_raw_parts(self.ptr(c.slot, 0).as_ptr(), c.req_len);
+            let resp =
+                std::slice::from_raw_parts_mut(self.ptr(c.slot, RESP_OFFSET).as_ptr(), c.resp_len);
+            let data_ptr = self.ptr(c.slot, DATA_OFFSET).as_ptr();
+            let mut inputs: Vec<&[u8]> = vec![req];
+            let mut outputs: Vec<&mut [u8]> = vec![resp];
+            match c.dir {
+                DataDir::Out if c.data_len > 0 => {
+                    inputs.push(std::slice::from_raw_parts(data_ptr, c.data_len))
+                }
+                DataDir::In if c.data_len > 0 => {
+                    outputs.push(std::slice::from_raw_parts_mut(data_ptr, c.data_len))
+                }
+                _ => {}
+            }
+            (inputs, outputs)
+        }
+    }
+
+    /// Pops every used chain, hands each result to its slot, and returns how many were popped.
+    /// A used entry that does not match a chain in flight breaks the queue: its commands fail
+    /// and it takes no more (the device is not trustworthy any more; a reset is the way back).
+    pub fn drain(&self) -> usize {
+        let mut popped = 0;
+        let mut inner = self.lock();
+        while let Some(token) = inner.vq.peek_used() {
+            let chain = usize::from(token)
+                .lt(&QUEUE_SIZE)
+                .then(|| inner.chains[usize::from(token)])
+                .flatten();
+            let Some(chain) = chain else {
+                let reason = format!("device returned unknown descriptor id {token}");
+                log::error!("queue {}: {reason}", self.index);
+                self.break_locked(&mut inner, reason);
+                break;
+            };
+            let popped_len = {
+                // SAFETY: the device returned this chain (it is in the used ring), so it no
+                // longer touches the buffers, and the owner is waiting, not accessing them.
+                let (inputs, mut outputs) = unsafe { self.buffers(&chain) };
+                // SAFETY: these are exactly the buffers that were added with this token.
+                unsafe { inner.vq.pop_used(token, &inputs, &mut outputs) }
+            };
+            inner.chains[usize::from(token)] = None;
+            popped += 1;
+            // The spec's used length counts bytes written into device-writable buffers, but
+            // QEMU (hw/scsi/virtio-scsi.c) reports response + data size in both directions, so
+            // the bound is the response plus the data buffer whatever its direction. Data
+            // amounts come from the response's residual, never from this length.
+            let capacity = chain.resp_len + chain.data_len;
+            let result = match popped_len {
+                Ok(len) if (len as usize) <= capacity => Ok(len),
+                Ok(len) => Err(QueueError::BadUsedLength {
+                    used: len,
+                    capacity,
+                }),
+                Err(e) => Err(self.broken_error(&format!("pop_used: {e}"))),
+            };
+            self.finish_locked(&mut inner, chain.slot, result);
+        }
+        drop(inner);
+        if popped > 0 {
+            self.stats
+                .completed
+                .fetch_add(popped as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        popped
+    }
+
+    /// Records the result of `slot`'s command, waking its owner or freeing an orphan.
+    fn finish_locked(&self, inner: &mut QueueInner, slot: u16, result: Result<u32, QueueError>) {
+        let mut st = self.slot_state(slot);
+        match *st {
+            SlotState::Orphaned => {
+                *st = SlotState::Free;
+                inner.free.push(slot);
+                self.slot_freed.notify_one();
+            }
+            _ => {
+                *st = SlotState::Done(result);
+                self.slots[usize::from(slot)].done.notify_all();
+            }
+        }
+    }
+
+    /// Takes the queue out of service and fails every command in flight. Their slots stay
+    /// reserved: the device might still write into them.
+    fn break_locked(&self, inner: &mut QueueInner, reason: String) {
+        if inner.broken.is_none() {
+            inner.broken = Some(reason.clone());
+        }
+        for c in inner.chains.iter().flatten() {
+            let mut st = self.slot_state(c.slot);
+            if matches!(*st, SlotState::InFlight) {
+                *st = SlotState::Done(Err(self.broken_error(&reason)));
+                self.slots[usize::from(c.slot)].done.notify_all();
+            }
+        }
+        self.slot_freed.notify_all();
+    }
+
+    /// Takes the queue out of service (the machine died, the host shuts down).
+    pub fn fail_all(&self, reason: &str) {
+        let mut inner = self.lock();
+        self.break_locked(&mut inner, reason.to_string());
+    }
+}
+
+impl SlotGuard<'_> {
+    /// The request header area (`REQ_HEADER_LEN + cdb_size` bytes) and the data buffer
+    /// (`data_cap` bytes) of this slot, for filling before submission.
+    pub fn buffers_mut(&mut self) -> (&mut [u8], &mut [u8]) {
+        let q = self.queue;
+        // SAFETY: the slot is Owned by this guard and not submitted, so neither the device (it
+        // has no descriptor for it) nor another thread accesses it; the ranges are inside the
+        // slot's allocation and disjoint; the borrow of `self` keeps them unique.
+        unsafe {
+            (
+                std::slice::from_raw_parts_mut(q.ptr(self.slot, 0).as_ptr(), q.req_len),
+                std::slice::from_raw_parts_mut(q.ptr(self.slot, DATA_OFFSET).as_ptr(), q.data_cap),
+            )
+        }
+    }
+
+    /// Puts the command on the ring and notifies the device if it wants notifications.
+    /// `data_len` bytes of the data buffer go in direction `dir`.
+    pub fn submit(&mut self, dir: DataDir, data_len: usize) -> Result<(), QueueError> {
+        let q = self.queue;
+        let data_len = if dir == DataDir::None {
+            0
+        } else {
+            data_len.min(q.data_cap)
+        };
+        let chain = Chain {
+            slot: self.slot,
+            req_len: q.req_len,
+            resp_len: q.resp_len,
+            data_len,
+            dir,
+        };
+        let notify = {
+            let mut inner = q.lock();
+            if let Some(reason) = &inner.broken {
+                return Err(q.broken_error(reason));
+            }
+            let token = {
+                // SAFETY: the slot is owned by this guard; the slices live only during `add`.
+                let (inputs, mut outputs) = unsafe { q.buffers(&chain) };
+                // SAFETY: the buffers are DMA memory that stays valid and untouched by us until
+                // the chain is popped (`drain`), the only place that frees the slot again.
+                unsafe { inner.vq.add(&inputs, &mut outputs) }
+            }
+            .map_err(|e| q.broken_error(&format!("add: {e}")))?;
+            match inner.chains.get_mut(usize::from(token)) {
+                Some(entry) => *entry = Some(chain),
+                None => return Err(q.broken_error("virtqueue returned a bad token")),
+            }
+            *q.slot_state(self.slot) = SlotState::InFlight;
+            self.submitted = true;
+            inner.vq.should_notify()
+        };
+        q.stats
+            .submitted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if notify {
+            q.stats
+                .kicks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = q.notifier.notify() {
+                q.fail_all(&e.to_string());
+                return Err(q.broken_error(&e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the submitted command; returns the used length. After `Err(Timeout)` the slot
+    /// stays reserved until the device returns it.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<u32, QueueError> {
+        let q = self.queue;
+        let sync = &q.slots[usize::from(self.slot)];
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = q.slot_state(self.slot);
+        loop {
+            if let SlotState::Done(_) = &*st {
+                let SlotState::Done(result) = std::mem::replace(&mut *st, SlotState::Owned) else {
+                    unreachable!("matched Done above");
+                };
+                self.submitted = false;
+                return result;
+            }
+            match deadline {
+                None => st = sync.done.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Err(QueueError::Timeout(timeout.unwrap_or_default()));
+                    }
+                    st = sync
+                        .done
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// The response area and data buffer after completion.
+    pub fn response(&self) -> (&[u8], &[u8]) {
+        let q = self.queue;
+        // SAFETY: the command completed (or was never submitted): the device no longer
+        // accesses the slot and the guard owns it.
+        unsafe {
+            (
+                std::slice::from_raw_parts(q.ptr(self.slot, RESP_OFFSET).as_ptr(), q.resp_len),
+                std::slice::from_raw_parts(q.ptr(self.slot, DATA_OFFSET).as_ptr(), q.data_cap),
+            )
+        }
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let q = self.queue;
+        let mut inner = q.lock();
+        let mut st = q.slot_state(self.slot);
+        match *st {
+            // Still with the device: it frees the slot when it comes back.
+            SlotState::InFlight => *st = SlotState::Orphaned,
+            _ => {
+                *st = SlotState::Free;
+                inner.free.push(self.slot);
+                q.slot_freed.notify_one();
+            }
+        }
+    }
+}

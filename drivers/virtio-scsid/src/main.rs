@@ -1,0 +1,254 @@
+//! `virtio-scsid`: the virtio-scsi driver daemon.
+//!
+//! Lifecycle: parse the command line → launch the machine (QEMU with the disks on a
+//! virtio-scsi-pci device) → bring up the host and find its disks → bind the scheme's socket
+//! and print `ready` → serve until SIGTERM/SIGINT (flush every disk, exit 0) or until the
+//! machine dies (report it, exit 1).
+
+mod config;
+mod device;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use block_scheme::DiskScheme;
+use clap::Parser;
+use crossbeam_channel::{RecvTimeoutError, select};
+use qemu_machine::{Accel, DiskFormat, DiskSpec, MachineConfig, QemuMachine};
+use virtio_scsi::{HostConfig, ScsiHost};
+use vscsi_ipc::{Server, ServerConfig};
+
+use crate::config::{DiskArg, Format};
+use crate::device::HostDevices;
+
+/// The scheme this daemon serves.
+const SCHEME: &str = "disk.virtio-scsi";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "virtio-scsid",
+    version,
+    about = "virtio-scsi driver daemon: serves the disks of a virtio-scsi device as disk.virtio-scsi"
+)]
+struct Args {
+    /// A disk image: PATH[,format=raw|qcow2][,block-size=512|4096][,readonly]. Repeatable;
+    /// disk N is on target N. Without any, a sparse 1 GiB image in the state directory is used.
+    #[arg(long = "disk", value_name = "SPEC", value_parser = config::parse_disk)]
+    disks: Vec<DiskArg>,
+    /// Request queues of the virtio-scsi device.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: u16,
+    /// Socket to serve on (default: $VSCSI_SOCKET, else /run/virtio-scsid.sock for root, else
+    /// $XDG_RUNTIME_DIR/virtio-scsid.sock or /tmp/virtio-scsid-UID.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Where the embedded default disk lives (default: $VSCSID_STATE_DIR, else
+    /// /var/lib/virtio-scsid for root, else ~/.local/state/virtio-scsid).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The QEMU binary.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Accelerator for the machine: auto (KVM when /dev/kvm is usable), tcg or kvm.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tcg", "kvm"])]
+    accel: String,
+    /// Worker threads serving client requests.
+    #[arg(long, default_value_t = 64)]
+    workers: usize,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("virtio-scsid: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let disks = if args.disks.is_empty() {
+        let state = args
+            .state_dir
+            .clone()
+            .unwrap_or_else(config::default_state_dir);
+        vec![config::default_disk(&state)?]
+    } else {
+        args.disks.clone()
+    };
+    if disks.len() > 255 {
+        return Err("at most 255 disks".into());
+    }
+    for d in &disks {
+        if !d.path.exists() {
+            return Err(format!("disk image {} does not exist", d.path.display()));
+        }
+    }
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(vscsi_ipc::default_socket_path);
+
+    // Signals first, so a SIGTERM during start-up is not lost.
+    let (sig_tx, sig_rx) = crossbeam_channel::bounded::<i32>(4);
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| format!("signal handlers: {e}"))?;
+    std::thread::spawn(move || {
+        for s in signals.forever() {
+            let _ = sig_tx.send(s);
+        }
+    });
+
+    let work_dir = tempfile::Builder::new()
+        .prefix("virtio-scsid-")
+        .tempdir()
+        .map_err(|e| format!("temporary directory: {e}"))?;
+    let machine_cfg = MachineConfig {
+        qemu_binary: args.qemu.clone(),
+        work_dir: work_dir.path().to_path_buf(),
+        ram_mib: ram_for(args.queues),
+        num_queues: args.queues,
+        disks: disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DiskSpec {
+                path: d.path.clone(),
+                format: match d.format {
+                    Format::Raw => DiskFormat::Raw,
+                    Format::Qcow2 => DiskFormat::Qcow2,
+                },
+                logical_block_size: d.block_size,
+                readonly: d.readonly,
+                target: i as u8,
+                lun: 0,
+            })
+            .collect(),
+        accel: match args.accel.as_str() {
+            "tcg" => Accel::Tcg,
+            "kvm" => Accel::Kvm,
+            _ => Accel::Auto,
+        },
+        extra_args: Vec::new(),
+    };
+    let machine = QemuMachine::launch(machine_cfg).map_err(|e| e.to_string())?;
+    println!("virtio-scsid: machine up: QEMU pid {}", machine.pid());
+    let _ = std::io::stdout().flush();
+
+    let host = ScsiHost::start(
+        machine.clone(),
+        HostConfig {
+            queues: Some(usize::from(args.queues)),
+            ..HostConfig::default()
+        },
+    )
+    .map_err(|e| format!("virtio-scsi host: {e}"))?;
+    let found = host.disks();
+    if found.len() != disks.len() {
+        log::warn!(
+            "configured {} disk(s), the device reports {}",
+            disks.len(),
+            found.len()
+        );
+    }
+    let readonly_targets = disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.readonly)
+        .map(|(i, _)| i as u8)
+        .collect();
+    let devices = Arc::new(HostDevices::new(host.clone(), readonly_targets));
+    let scheme = Arc::new(DiskScheme::new(SCHEME, devices.clone()));
+    let server = Server::bind(
+        ServerConfig {
+            socket_path: socket.clone(),
+            workers: args.workers.max(1),
+            ..ServerConfig::default()
+        },
+        scheme,
+    )
+    .map_err(|e| format!("cannot serve on {}: {e}", socket.display()))?;
+    let shutdown = server.shutdown_handle();
+    let server = Arc::new(server);
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
+    {
+        let server = server.clone();
+        std::thread::spawn(move || {
+            let r = server.run().map_err(|e| format!("server: {e}"));
+            let _ = done_tx.send(r);
+        });
+    }
+
+    for (i, d) in found.iter().enumerate() {
+        println!("virtio-scsid: {SCHEME}:/{i} = {d}");
+    }
+    println!(
+        "virtio-scsid: ready: serving {} disk(s) as {SCHEME} on {}",
+        found.len(),
+        socket.display()
+    );
+    let _ = std::io::stdout().flush();
+
+    // Serve until a signal, the server stopping, or the machine dying.
+    let outcome = loop {
+        select! {
+            recv(sig_rx) -> s => {
+                log::info!("signal {}: flushing and shutting down", s.unwrap_or(0));
+                break Ok(());
+            }
+            recv(done_rx) -> r => {
+                break r.unwrap_or_else(|_| Err("server thread ended".into()))
+                    .and_then(|()| Err("server stopped".into()));
+            }
+            default(Duration::from_millis(200)) => {
+                if let Err(e) = host.health() {
+                    break Err(format!("the machine failed: {e}"));
+                }
+            }
+        }
+    };
+
+    // Orderly shutdown: stop taking requests, drain, flush every disk, stop the machine.
+    shutdown.shutdown();
+    match done_rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(_) | Err(RecvTimeoutError::Disconnected) => {}
+        Err(RecvTimeoutError::Timeout) => log::warn!("server did not stop within 30 s"),
+    }
+    let mut flush_failed = None;
+    if outcome.is_ok() {
+        for (i, d) in host.disks().iter().enumerate() {
+            if d.readonly {
+                continue;
+            }
+            if let Err(e) = host.flush(d) {
+                log::error!("flush of disk {i} failed: {e}");
+                flush_failed = Some(format!("flush of disk {i} failed: {e}"));
+            }
+        }
+    }
+    host.shutdown();
+    machine.shutdown();
+    match (outcome, flush_failed) {
+        (Err(e), _) | (Ok(()), Some(e)) => Err(e),
+        (Ok(()), None) => {
+            log::info!("all disks flushed; bye");
+            Ok(())
+        }
+    }
+}
+
+/// Guest RAM: room for the rings and the command slots of every queue (42 slots of 132 KiB
+/// each per queue) plus slack.
+fn ram_for(queues: u16) -> u32 {
+    64 + 8 * u32::from(queues)
+}

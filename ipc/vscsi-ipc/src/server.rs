@@ -1,0 +1,992 @@
+//! The socket server: serves one [`DiskScheme`] to many clients over a Unix stream socket.
+//!
+//! Owns: binding the socket (stale-socket check, permissions), accepting connections (with
+//! SO_PEERCRED as the caller context and a connection cap), per-connection reader and writer
+//! threads, the shared worker pool that runs scheme calls, per-connection handle ownership and
+//! clean-up, backpressure, and orderly shutdown.
+//!
+//! Threads: one accept loop (the caller of [`Server::run`]); per connection a reader thread
+//! (decodes frames, enforces the in-flight bounds, dispatches to the pool, tears the connection
+//! down) and a writer thread (writes each encoded reply as one whole frame). Workers never
+//! touch a socket, so a client that stops reading its replies stalls only its own connection,
+//! never the worker pool.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use block_scheme::{BlockDevice, CallerCtx, DiskScheme};
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, error, info, warn};
+use rustix::event::{PollFd, PollFlags, poll};
+use rustix::net::SendFlags;
+use syscall::error::{EBADF, EINVAL, EIO, ENAMETOOLONG, EPROTO, ESHUTDOWN, EUSERS};
+
+use crate::protocol::{
+    self, MAX_NAME, MAX_PATH, MAX_PAYLOAD, Opcode, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, ReadError,
+    Reply, ReplyHeader, Request,
+};
+
+/// Default number of worker threads.
+pub const DEFAULT_WORKERS: usize = 64;
+/// Default cap on open connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default cap on requests in flight per connection.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_CONN: usize = 256;
+/// Default permissions of the socket file.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// Cap on request and reply bytes in flight per connection (the reader stops reading once it
+/// is reached; one more frame of up to [`MAX_PAYLOAD`] may be admitted past it).
+pub const MAX_IN_FLIGHT_BYTES_PER_CONN: u64 = 64 << 20;
+/// How long shutdown waits for in-flight requests after it stopped reading new ones.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long shutdown waits after forcibly closing connections that did not finish in time.
+pub const SHUTDOWN_FORCE_GRACE: Duration = Duration::from_secs(5);
+
+const CONN_STACK: usize = 256 << 10;
+
+/// Returns the socket path used by both the daemon and the clients when none is given:
+///
+/// 1. `$VSCSI_SOCKET`, if it is set and not empty;
+/// 2. otherwise `/run/virtio-scsid.sock` when running as root (effective uid 0);
+/// 3. otherwise `$XDG_RUNTIME_DIR/virtio-scsid.sock`, if `XDG_RUNTIME_DIR` is set and not empty;
+/// 4. otherwise `/tmp/virtio-scsid-<uid>.sock`, with the real user id.
+pub fn default_socket_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("VSCSI_SOCKET").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/run/virtio-scsid.sock");
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
+        return PathBuf::from(dir).join("virtio-scsid.sock");
+    }
+    PathBuf::from(format!(
+        "/tmp/virtio-scsid-{}.sock",
+        rustix::process::getuid().as_raw()
+    ))
+}
+
+/// How the server listens and how much it lets clients do at once.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Where the socket file goes.
+    pub socket_path: PathBuf,
+    /// Worker threads running scheme calls (0 is taken as 1).
+    pub workers: usize,
+    /// Open connections allowed; more are accepted, told `EUSERS` and closed (0 is taken as 1).
+    pub max_connections: usize,
+    /// Requests in flight per connection before the server stops reading it (0 is taken as 1).
+    pub max_in_flight_per_conn: usize,
+    /// Permissions of the socket file, e.g. `0o660`.
+    pub socket_mode: u32,
+}
+
+impl ServerConfig {
+    /// Defaults with the given socket path.
+    pub fn new(socket_path: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            socket_path: socket_path.into(),
+            workers: DEFAULT_WORKERS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_in_flight_per_conn: DEFAULT_MAX_IN_FLIGHT_PER_CONN,
+            socket_mode: DEFAULT_SOCKET_MODE,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    /// Defaults with [`default_socket_path`].
+    fn default() -> Self {
+        ServerConfig::new(default_socket_path())
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: every critical section here leaves consistent state.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(g).unwrap_or_else(|e| e.into_inner())
+}
+
+fn wait_timeout<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>, d: Duration) -> MutexGuard<'a, T> {
+    match cv.wait_timeout(g, d) {
+        Ok((g, _)) => g,
+        Err(e) => e.into_inner().0,
+    }
+}
+
+/// Writes all of `buf` to a socket without raising SIGPIPE.
+pub(crate) fn send_all(fd: impl AsFd, mut buf: &[u8], flags: SendFlags) -> io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::net::send(&fd, buf, flags | SendFlags::NOSIGNAL) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = buf.get(n..).unwrap_or_default(),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+struct ShutdownState {
+    requested: AtomicBool,
+    wake_r: OwnedFd,
+    wake_w: OwnedFd,
+}
+
+/// Asks a running [`Server`] to stop. Cheap to clone; usable from any thread.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    state: Arc<ShutdownState>,
+}
+
+impl ShutdownHandle {
+    /// Requests shutdown: the server stops accepting, finishes in-flight requests (bounded),
+    /// closes every handle and removes its socket file; [`Server::run`] then returns.
+    /// Idempotent; may be called before `run`.
+    pub fn shutdown(&self) {
+        self.state.requested.store(true, Ordering::SeqCst);
+        // The pipe is non-blocking: if it is full, a wake-up is already pending.
+        let _ = rustix::io::write(&self.state.wake_w, &[1]);
+    }
+
+    /// Whether shutdown has been requested.
+    pub fn is_shutdown(&self) -> bool {
+        self.state.requested.load(Ordering::SeqCst)
+    }
+}
+
+impl std::fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownHandle")
+            .field("requested", &self.is_shutdown())
+            .finish()
+    }
+}
+
+/// The socket server. See the module documentation.
+pub struct Server<D: BlockDevice> {
+    config: ServerConfig,
+    scheme: Arc<DiskScheme<D>>,
+    listener: Mutex<Option<UnixListener>>,
+    /// (dev, ino) of the socket file we created, so we never remove someone else's.
+    socket_id: (u64, u64),
+    shutdown: Arc<ShutdownState>,
+}
+
+fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+impl<D: BlockDevice> Server<D> {
+    /// Binds the socket at `config.socket_path` and sets its permissions to
+    /// `config.socket_mode`. An existing socket file is removed only if nothing answers on it;
+    /// if a live server answers, this fails with `AddrInUse`. A path that exists and is not a
+    /// socket is never removed (`AlreadyExists`).
+    pub fn bind(config: ServerConfig, scheme: Arc<DiskScheme<D>>) -> io::Result<Self> {
+        let path = config.socket_path.clone();
+        match fs::symlink_metadata(&path) {
+            Ok(md) => {
+                if !md.file_type().is_socket() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!(
+                            "{} exists and is not a socket; refusing to replace it",
+                            path.display()
+                        ),
+                    ));
+                }
+                match UnixStream::connect(&path) {
+                    Ok(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            format!(
+                                "another server is already listening on {}; stop it first",
+                                path.display()
+                            ),
+                        ));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        info!("removing stale socket {}", path.display());
+                        match fs::remove_file(&path) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => {
+                                return Err(with_path(e, "cannot remove stale socket", &path));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        return Err(with_path(e, "cannot check existing socket", &path));
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, "cannot inspect", &path)),
+        }
+
+        let listener = Self::bind_with_mode(&path, config.socket_mode)?;
+        listener.set_nonblocking(true)?;
+        let md = fs::symlink_metadata(&path).map_err(|e| with_path(e, "cannot stat", &path))?;
+        let (wake_r, wake_w) = rustix::pipe::pipe_with(
+            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+        )?;
+        info!(
+            "listening on {} (mode {:o}) for scheme {}",
+            path.display(),
+            config.socket_mode,
+            scheme.name()
+        );
+        Ok(Server {
+            config,
+            scheme,
+            listener: Mutex::new(Some(listener)),
+            socket_id: (md.dev(), md.ino()),
+            shutdown: Arc::new(ShutdownState {
+                requested: AtomicBool::new(false),
+                wake_r,
+                wake_w,
+            }),
+        })
+    }
+
+    /// Binds under a temporary name, sets the mode, then renames into place, so the socket is
+    /// never reachable at `path` with the umask's permissions.
+    fn bind_with_mode(path: &Path, mode: u32) -> io::Result<UnixListener> {
+        let perms = fs::Permissions::from_mode(mode);
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "socket".into());
+        let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        match UnixListener::bind(&tmp) {
+            Ok(l) => {
+                let done = fs::set_permissions(&tmp, perms)
+                    .map_err(|e| with_path(e, "cannot set permissions of", &tmp))
+                    .and_then(|()| {
+                        fs::rename(&tmp, path)
+                            .map_err(|e| with_path(e, "cannot move socket to", path))
+                    });
+                if let Err(e) = done {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                Ok(l)
+            }
+            // The temporary name may be too long for sun_path where the real one is not.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                let l = UnixListener::bind(path).map_err(|e| with_path(e, "cannot bind", path))?;
+                if let Err(e) = fs::set_permissions(path, perms) {
+                    let _ = fs::remove_file(path);
+                    return Err(with_path(e, "cannot set permissions of", path));
+                }
+                Ok(l)
+            }
+            Err(e) => Err(with_path(e, "cannot bind", &tmp)),
+        }
+    }
+
+    /// The socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.config.socket_path
+    }
+
+    /// A handle that stops [`Server::run`] from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            state: self.shutdown.clone(),
+        }
+    }
+
+    fn remove_socket_file(&self) {
+        let path = &self.config.socket_path;
+        match fs::symlink_metadata(path) {
+            Ok(md) if (md.dev(), md.ino()) == self.socket_id => {
+                if let Err(e) = fs::remove_file(path) {
+                    warn!("cannot remove socket {}: {e}", path.display());
+                }
+            }
+            Ok(_) => warn!(
+                "socket {} was replaced by someone else; leaving it",
+                path.display()
+            ),
+            Err(_) => {}
+        }
+    }
+
+    /// Accepts and serves connections until shutdown is requested through a
+    /// [`ShutdownHandle`]. Then it stops accepting, removes the socket file, stops reading
+    /// requests, waits (at most [`SHUTDOWN_GRACE`], then forcibly closes connections) for
+    /// requests in flight, closes every handle clients left open, and returns.
+    ///
+    /// Can be called once; a second call fails.
+    pub fn run(&self) -> io::Result<()> {
+        let Some(listener) = lock(&self.listener).take() else {
+            return Err(io::Error::other("Server::run called more than once"));
+        };
+        let registry = Arc::new(Registry {
+            conns: Mutex::new(HashMap::new()),
+            cv: Condvar::new(),
+        });
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
+        let workers = self.spawn_workers(&job_rx)?;
+        drop(job_rx);
+        let limits = Limits {
+            max_in_flight: self.config.max_in_flight_per_conn.max(1),
+        };
+        let next_id = AtomicU64::new(1);
+
+        let result = self.accept_loop(&listener, &registry, &job_tx, limits, &next_id);
+
+        // Stop accepting: nobody can reach us by path, and queued connections are refused.
+        self.remove_socket_file();
+        drop(listener);
+        self.drain(&registry);
+        drop(job_tx);
+        let deadline = Instant::now() + SHUTDOWN_FORCE_GRACE;
+        for w in workers {
+            while !w.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if w.is_finished() {
+                let _ = w.join();
+            } else {
+                warn!("a worker is still busy in the device; not waiting for it");
+            }
+        }
+        info!("server on {} stopped", self.config.socket_path.display());
+        result
+    }
+
+    fn spawn_workers(&self, job_rx: &Receiver<Job>) -> io::Result<Vec<thread::JoinHandle<()>>> {
+        let n = self.config.workers.max(1);
+        let mut v = Vec::with_capacity(n);
+        for i in 0..n {
+            let rx = job_rx.clone();
+            let scheme = self.scheme.clone();
+            let h = thread::Builder::new()
+                .name(format!("vscsi-worker-{i}"))
+                .spawn(move || worker(scheme, rx));
+            match h {
+                Ok(h) => v.push(h),
+                Err(e) if !v.is_empty() => {
+                    warn!("could only start {} of {n} workers: {e}", v.len());
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(v)
+    }
+
+    fn accept_loop(
+        &self,
+        listener: &UnixListener,
+        registry: &Arc<Registry>,
+        job_tx: &Sender<Job>,
+        limits: Limits,
+        next_id: &AtomicU64,
+    ) -> io::Result<()> {
+        loop {
+            if self.shutdown.requested.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let mut fds = [
+                PollFd::new(listener, PollFlags::IN),
+                PollFd::new(&self.shutdown.wake_r, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    error!("poll on the listening socket failed: {e}");
+                    return Err(e.into());
+                }
+            }
+            if self.shutdown.requested.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            loop {
+                match listener.accept() {
+                    Ok((stream, _)) => self.admit(stream, registry, job_tx, limits, next_id),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                        ) => {}
+                    Err(e) => {
+                        // EMFILE, ENFILE, ENOBUFS, ENOMEM: back off instead of spinning.
+                        warn!("accept failed: {e}; retrying shortly");
+                        thread::sleep(Duration::from_millis(100));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn admit(
+        &self,
+        stream: UnixStream,
+        registry: &Arc<Registry>,
+        job_tx: &Sender<Job>,
+        limits: Limits,
+        next_id: &AtomicU64,
+    ) {
+        let ctx = match rustix::net::sockopt::socket_peercred(&stream) {
+            Ok(c) => CallerCtx {
+                uid: c.uid.as_raw(),
+                gid: c.gid.as_raw(),
+                pid: u32::try_from(c.pid.as_raw_pid()).unwrap_or(0),
+            },
+            Err(e) => {
+                warn!("refusing a connection: cannot read its credentials (SO_PEERCRED): {e}");
+                return;
+            }
+        };
+        // Accepted sockets are blocking; make sure of it whatever the listener is.
+        if let Err(e) = stream.set_nonblocking(false) {
+            warn!("refusing connection from pid {}: {e}", ctx.pid);
+            return;
+        }
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let (out_tx, out_rx) = crossbeam_channel::unbounded();
+        let conn = Arc::new(Conn {
+            id,
+            stream,
+            ctx,
+            handles: Mutex::new(Handles {
+                closed: false,
+                map: HashMap::new(),
+            }),
+            flight: Mutex::new(Flight { count: 0, bytes: 0 }),
+            flight_cv: Condvar::new(),
+            out_tx,
+        });
+        {
+            let mut conns = lock(&registry.conns);
+            let max = self.config.max_connections.max(1);
+            if conns.len() >= max {
+                drop(conns);
+                warn!(
+                    "refusing connection from pid {} (uid {}): {max} connections already open (the limit)",
+                    ctx.pid, ctx.uid
+                );
+                // Tell the client why: an unsolicited Hello error with tag 0, without blocking.
+                let frame = Reply::error(Some(Opcode::Hello), 0, EUSERS).encode();
+                let _ = send_all(&conn.stream, &frame, SendFlags::DONTWAIT);
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            conns.insert(id, conn.clone());
+        }
+        debug!(
+            "connection {id} from pid {} uid {} gid {}",
+            ctx.pid, ctx.uid, ctx.gid
+        );
+        let scheme = self.scheme.clone();
+        let reg = registry.clone();
+        let jobs = job_tx.clone();
+        let conn2 = conn.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("vscsi-conn-{id}"))
+            .stack_size(CONN_STACK)
+            .spawn(move || {
+                serve_connection(&scheme, &conn2, &jobs, limits, out_rx);
+                lock(&reg.conns).remove(&conn2.id);
+                reg.cv.notify_all();
+            });
+        if let Err(e) = spawned {
+            warn!(
+                "refusing connection {id} from pid {}: cannot start a thread: {e}",
+                ctx.pid
+            );
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            lock(&registry.conns).remove(&id);
+            registry.cv.notify_all();
+        }
+    }
+
+    /// Stops reading every connection, waits for them to finish, forcing them after the grace.
+    fn drain(&self, registry: &Registry) {
+        let conns: Vec<Arc<Conn>> = lock(&registry.conns).values().cloned().collect();
+        if !conns.is_empty() {
+            info!(
+                "shutting down: finishing requests of {} connections",
+                conns.len()
+            );
+        }
+        for c in &conns {
+            let _ = c.stream.shutdown(std::net::Shutdown::Read);
+        }
+        drop(conns);
+        if self.wait_conns(registry, SHUTDOWN_GRACE) {
+            return;
+        }
+        let conns: Vec<Arc<Conn>> = lock(&registry.conns).values().cloned().collect();
+        warn!(
+            "{} connections still busy after {:?}; closing them",
+            conns.len(),
+            SHUTDOWN_GRACE
+        );
+        for c in &conns {
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        }
+        drop(conns);
+        if !self.wait_conns(registry, SHUTDOWN_FORCE_GRACE) {
+            error!(
+                "{} connections have requests stuck in the device; their handles are closed when those finish",
+                lock(&registry.conns).len()
+            );
+        }
+    }
+
+    fn wait_conns(&self, registry: &Registry, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let mut g = lock(&registry.conns);
+        while !g.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = wait_timeout(&registry.cv, g, deadline - now);
+        }
+        true
+    }
+}
+
+impl<D: BlockDevice> Drop for Server<D> {
+    fn drop(&mut self) {
+        // Bound but never run: still remove our socket file.
+        if lock(&self.listener).take().is_some() {
+            self.remove_socket_file();
+        }
+    }
+}
+
+struct Registry {
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    cv: Condvar,
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    max_in_flight: usize,
+}
+
+/// One open scheme handle owned by a connection. Operations hold the read lock for the length
+/// of the scheme call; Close takes the write lock, so a handle id is never closed (and possibly
+/// reused by the scheme for someone else) while an operation of this connection still uses it.
+type HandleSlot = Arc<RwLock<Option<usize>>>;
+
+struct Handles {
+    /// Set at teardown: handles opened afterwards are closed at once.
+    closed: bool,
+    map: HashMap<u64, HandleSlot>,
+}
+
+struct Flight {
+    count: usize,
+    bytes: u64,
+}
+
+enum Out {
+    /// An encoded reply frame; `cost` is released from the in-flight bounds once written.
+    Frame { bytes: Vec<u8>, cost: Option<u64> },
+    /// No more frames will come.
+    Stop,
+}
+
+struct Conn {
+    id: u64,
+    stream: UnixStream,
+    ctx: CallerCtx,
+    handles: Mutex<Handles>,
+    flight: Mutex<Flight>,
+    flight_cv: Condvar,
+    out_tx: Sender<Out>,
+}
+
+impl Conn {
+    fn send(&self, bytes: Vec<u8>, cost: Option<u64>) {
+        if self.out_tx.send(Out::Frame { bytes, cost }).is_err()
+            && let Some(c) = cost
+        {
+            self.release(c);
+        }
+    }
+
+    fn release(&self, cost: u64) {
+        let mut f = lock(&self.flight);
+        f.count = f.count.saturating_sub(1);
+        f.bytes = f.bytes.saturating_sub(cost);
+        drop(f);
+        self.flight_cv.notify_all();
+    }
+
+    /// Blocks while the connection is at its in-flight bounds (backpressure).
+    fn wait_for_slot(&self, limits: Limits) {
+        let mut f = lock(&self.flight);
+        while f.count >= limits.max_in_flight || f.bytes >= MAX_IN_FLIGHT_BYTES_PER_CONN {
+            f = wait(&self.flight_cv, f);
+        }
+    }
+
+    fn acquire(&self, cost: u64) {
+        let mut f = lock(&self.flight);
+        f.count += 1;
+        f.bytes += cost;
+    }
+
+    fn wait_idle(&self) {
+        let mut f = lock(&self.flight);
+        while f.count > 0 {
+            f = wait(&self.flight_cv, f);
+        }
+    }
+
+    fn slot(&self, handle: u64) -> Option<HandleSlot> {
+        lock(&self.handles).map.get(&handle).cloned()
+    }
+}
+
+struct Job {
+    conn: Arc<Conn>,
+    tag: u64,
+    req: Request,
+    cost: u64,
+}
+
+fn worker<D: BlockDevice>(scheme: Arc<DiskScheme<D>>, rx: Receiver<Job>) {
+    for job in rx.iter() {
+        let op = job.req.opcode();
+        let tag = job.tag;
+        let conn = job.conn;
+        let frame = catch_unwind(AssertUnwindSafe(|| execute(&scheme, &conn, tag, job.req)))
+            .unwrap_or_else(|_| {
+                error!(
+                    "connection {}: {} request (tag {tag}) panicked in the scheme; replying EIO",
+                    conn.id,
+                    op.name()
+                );
+                Reply::error(Some(op), tag, EIO).encode()
+            });
+        conn.send(frame, Some(job.cost));
+    }
+}
+
+fn err_frame(op: Opcode, tag: u64, e: syscall::error::Error) -> Vec<u8> {
+    Reply::error(Some(op), tag, e.errno).encode()
+}
+
+/// Runs `f` with the scheme id of `handle`, if this connection owns it and it is open.
+fn with_handle(
+    conn: &Conn,
+    handle: u64,
+    f: impl FnOnce(usize) -> block_scheme::Result<Vec<u8>>,
+) -> block_scheme::Result<Vec<u8>> {
+    let Some(slot) = conn.slot(handle) else {
+        return Err(syscall::error::Error::new(EBADF));
+    };
+    let guard = slot.read().unwrap_or_else(|e| e.into_inner());
+    match *guard {
+        Some(id) => f(id),
+        None => Err(syscall::error::Error::new(EBADF)),
+    }
+}
+
+fn ok_frame(op: Opcode, tag: u64, value: u64, payload: Vec<u8>) -> Vec<u8> {
+    Reply::ok(op, tag, value, payload).encode()
+}
+
+fn execute<D: BlockDevice>(scheme: &DiskScheme<D>, conn: &Conn, tag: u64, req: Request) -> Vec<u8> {
+    let op = req.opcode();
+    let res: block_scheme::Result<Vec<u8>> = match req {
+        Request::Hello { .. } => Err(syscall::error::Error::new(EPROTO)),
+        Request::Open { path, flags } => open(scheme, conn, tag, &path, flags),
+        Request::Read {
+            handle,
+            offset,
+            len,
+        } => with_handle(conn, handle, |id| {
+            let len = len as usize;
+            let mut buf = vec![0u8; REPLY_HEADER_LEN + len];
+            let n = scheme.read(id, offset, &mut buf[REPLY_HEADER_LEN..])?;
+            if n > len {
+                error!("scheme read returned {n} bytes for a {len}-byte buffer");
+                return Err(syscall::error::Error::new(EIO));
+            }
+            buf.truncate(REPLY_HEADER_LEN + n);
+            let h = ReplyHeader {
+                op: Some(op),
+                tag,
+                status: 0,
+                value: n as u64,
+                payload_len: n as u32,
+            };
+            buf[..REPLY_HEADER_LEN].copy_from_slice(&h.encode());
+            Ok(buf)
+        }),
+        Request::Write {
+            handle,
+            offset,
+            data,
+        } => with_handle(conn, handle, |id| {
+            let n = scheme.write(id, offset, &data)?;
+            if n > data.len() {
+                error!("scheme write returned {n} for {} bytes", data.len());
+                return Err(syscall::error::Error::new(EIO));
+            }
+            Ok(ok_frame(op, tag, n as u64, Vec::new()))
+        }),
+        Request::Fsync { handle } => with_handle(conn, handle, |id| {
+            scheme.fsync(id)?;
+            Ok(ok_frame(op, tag, 0, Vec::new()))
+        }),
+        Request::Fstat { handle } => with_handle(conn, handle, |id| {
+            let st = scheme.fstat(id)?;
+            Ok(ok_frame(op, tag, 0, protocol::encode_stat(&st).to_vec()))
+        }),
+        Request::Fsize { handle } => with_handle(conn, handle, |id| {
+            let size = scheme.fsize(id)?;
+            Ok(ok_frame(op, tag, size, Vec::new()))
+        }),
+        Request::Fpath { handle } => with_handle(conn, handle, |id| {
+            let p = scheme.fpath(id)?;
+            if p.len() > MAX_PATH {
+                return Err(syscall::error::Error::new(ENAMETOOLONG));
+            }
+            Ok(ok_frame(op, tag, 0, p.into_bytes()))
+        }),
+        Request::Close { handle } => close(scheme, conn, tag, handle),
+    };
+    res.unwrap_or_else(|e| err_frame(op, tag, e))
+}
+
+fn open<D: BlockDevice>(
+    scheme: &DiskScheme<D>,
+    conn: &Conn,
+    tag: u64,
+    path: &str,
+    flags: u64,
+) -> block_scheme::Result<Vec<u8>> {
+    let flags = usize::try_from(flags).map_err(|_| syscall::error::Error::new(EINVAL))?;
+    let id = scheme.open(path, flags, &conn.ctx)?;
+    let mut h = lock(&conn.handles);
+    if h.closed {
+        drop(h);
+        let _ = scheme.close(id);
+        return Err(syscall::error::Error::new(ESHUTDOWN));
+    }
+    // A scheme id is unique among open handles; a leftover slot here is a closed one.
+    h.map.insert(id as u64, Arc::new(RwLock::new(Some(id))));
+    Ok(ok_frame(Opcode::Open, tag, id as u64, Vec::new()))
+}
+
+fn close<D: BlockDevice>(
+    scheme: &DiskScheme<D>,
+    conn: &Conn,
+    tag: u64,
+    handle: u64,
+) -> block_scheme::Result<Vec<u8>> {
+    let Some(slot) = conn.slot(handle) else {
+        return Err(syscall::error::Error::new(EBADF));
+    };
+    let mut guard = slot.write().unwrap_or_else(|e| e.into_inner());
+    let Some(id) = guard.take() else {
+        return Err(syscall::error::Error::new(EBADF));
+    };
+    let res = scheme.close(id);
+    drop(guard);
+    let mut h = lock(&conn.handles);
+    if h.map.get(&handle).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+        h.map.remove(&handle);
+    }
+    drop(h);
+    res?;
+    Ok(ok_frame(Opcode::Close, tag, 0, Vec::new()))
+}
+
+fn request_cost(req: &Request) -> u64 {
+    let extra = match req {
+        Request::Read { len, .. } => u64::from(*len),
+        Request::Write { data, .. } => data.len() as u64,
+        _ => 0,
+    };
+    (REQUEST_HEADER_LEN + REPLY_HEADER_LEN) as u64 + extra
+}
+
+fn serve_connection<D: BlockDevice>(
+    scheme: &DiskScheme<D>,
+    conn: &Arc<Conn>,
+    jobs: &Sender<Job>,
+    limits: Limits,
+    out_rx: Receiver<Out>,
+) {
+    let wconn = conn.clone();
+    let writer = thread::Builder::new()
+        .name(format!("vscsi-conn-{}-w", conn.id))
+        .stack_size(CONN_STACK)
+        .spawn(move || write_replies(&wconn, out_rx));
+    let writer = match writer {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(
+                "connection {}: cannot start its writer thread: {e}",
+                conn.id
+            );
+            None
+        }
+    };
+    if writer.is_some() {
+        read_requests(scheme, conn, jobs, limits);
+    }
+    // Teardown: no more requests will be read. Let those in flight finish and be written.
+    conn.wait_idle();
+    let left: Vec<HandleSlot> = {
+        let mut h = lock(&conn.handles);
+        h.closed = true;
+        h.map.drain().map(|(_, s)| s).collect()
+    };
+    let mut closed = 0usize;
+    for slot in left {
+        let mut g = slot.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = g.take() {
+            closed += 1;
+            if let Err(e) = scheme.close(id) {
+                warn!("connection {}: closing left-open handle {id}: {e}", conn.id);
+            }
+        }
+    }
+    if closed > 0 {
+        debug!(
+            "connection {}: closed {closed} handles it left open",
+            conn.id
+        );
+    }
+    let _ = conn.out_tx.send(Out::Stop);
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+    debug!("connection {} closed", conn.id);
+}
+
+fn read_requests<D: BlockDevice>(
+    scheme: &DiskScheme<D>,
+    conn: &Arc<Conn>,
+    jobs: &Sender<Job>,
+    limits: Limits,
+) {
+    let mut reader = &conn.stream;
+    let mut hello_done = false;
+    loop {
+        conn.wait_for_slot(limits);
+        match protocol::read_request(&mut reader) {
+            Ok(None) => return,
+            Ok(Some((tag, Request::Hello { client }))) => {
+                if hello_done {
+                    refuse(conn, tag, Some(Opcode::Hello), EPROTO, "Hello sent twice");
+                    return;
+                }
+                hello_done = true;
+                debug!(
+                    "connection {}: hello from {:?} (pid {})",
+                    conn.id,
+                    client.chars().take(MAX_NAME).collect::<String>(),
+                    conn.ctx.pid
+                );
+                let name = scheme.name().as_bytes().to_vec();
+                conn.send(
+                    Reply::ok(Opcode::Hello, tag, MAX_PAYLOAD as u64, name).encode(),
+                    None,
+                );
+            }
+            Ok(Some((tag, req))) => {
+                if !hello_done {
+                    refuse(
+                        conn,
+                        tag,
+                        Some(req.opcode()),
+                        EPROTO,
+                        "first request must be Hello",
+                    );
+                    return;
+                }
+                let cost = request_cost(&req);
+                conn.acquire(cost);
+                let job = Job {
+                    conn: conn.clone(),
+                    tag,
+                    req,
+                    cost,
+                };
+                if let Err(crossbeam_channel::SendError(job)) = jobs.send(job) {
+                    // Workers are gone (shutting down).
+                    let op = job.req.opcode();
+                    conn.send(Reply::error(Some(op), tag, ESHUTDOWN).encode(), Some(cost));
+                    return;
+                }
+            }
+            Err(ReadError::Malformed(fe)) => {
+                warn!(
+                    "connection {} (pid {}): {fe}; closing it",
+                    conn.id, conn.ctx.pid
+                );
+                if let Some(tag) = fe.tag {
+                    conn.send(Reply::error(fe.op, tag, fe.errno).encode(), None);
+                }
+                return;
+            }
+            Err(ReadError::Io(e)) => {
+                debug!("connection {}: read failed: {e}", conn.id);
+                return;
+            }
+        }
+    }
+}
+
+fn refuse(conn: &Conn, tag: u64, op: Option<Opcode>, errno: i32, why: &str) {
+    warn!(
+        "connection {} (pid {}): {why}; closing it",
+        conn.id, conn.ctx.pid
+    );
+    conn.send(Reply::error(op, tag, errno).encode(), None);
+}
+
+fn write_replies(conn: &Conn, rx: Receiver<Out>) {
+    let mut dead = false;
+    for out in rx.iter() {
+        match out {
+            Out::Stop => break,
+            Out::Frame { bytes, cost } => {
+                if !dead && let Err(e) = send_all(&conn.stream, &bytes, SendFlags::empty()) {
+                    debug!(
+                        "connection {}: write failed: {e}; dropping replies",
+                        conn.id
+                    );
+                    dead = true;
+                    // Stop the reader too: nobody is listening.
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                }
+                if let Some(c) = cost {
+                    conn.release(c);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! `vscsi`: command-line client for the `disk.virtio-scsi` block scheme served by virtio-scsid.
+//!
+//! Owns: argument parsing, number parsing (decimal, `0x` hex, K/M/G/T suffixes), streaming
+//! reads to stdout and writes from stdin in chunks, and one-line error reporting
+//! (`vscsi: read disk.virtio-scsi:/7: No such file or directory (ENOENT)`, exit status 1;
+//! bad usage exits with 2).
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use syscall::flag::{MODE_DIR, MODE_FILE, MODE_PERM, MODE_TYPE};
+use vscsi_ipc::{Client, ClientError, OpenFlags, default_socket_path};
+
+/// The scheme this tool talks to.
+const SCHEME: &str = "disk.virtio-scsi";
+/// Largest buffer used for streaming (one frame at most).
+const STREAM_CHUNK: usize = 16 << 20;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vscsi",
+    version,
+    about = "Use the disks of virtio-scsid (the disk.virtio-scsi scheme)",
+    after_help = "PATH is a disk like disk.virtio-scsi:/0 (or /0, or 0).\n\
+                  Numbers are decimal or 0x hex, optionally with a K, M, G or T suffix (powers of 1024)."
+)]
+struct Cli {
+    /// The daemon's socket [default: $VSCSI_SOCKET; else /run/virtio-scsid.sock as root;
+    /// else $XDG_RUNTIME_DIR/virtio-scsid.sock; else /tmp/virtio-scsid-<uid>.sock]
+    #[arg(long, value_name = "PATH", global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List the disks with their size and block size
+    Ls,
+    /// Show a disk's size, block size, block count and mode
+    Stat {
+        /// The disk, e.g. disk.virtio-scsi:/0
+        path: String,
+    },
+    /// Copy LENGTH bytes at OFFSET of a disk to standard output
+    Read {
+        /// The disk, e.g. disk.virtio-scsi:/0
+        path: String,
+        /// Byte offset to start at
+        #[arg(long, value_parser = parse_num)]
+        offset: u64,
+        /// Number of bytes to read
+        #[arg(long, value_parser = parse_num)]
+        length: u64,
+    },
+    /// Write standard input (to its end) at OFFSET of a disk; use `sync` to make it durable
+    Write {
+        /// The disk, e.g. disk.virtio-scsi:/0
+        path: String,
+        /// Byte offset to start at
+        #[arg(long, value_parser = parse_num)]
+        offset: u64,
+    },
+    /// Flush a disk's write cache to stable storage
+    Sync {
+        /// The disk, e.g. disk.virtio-scsi:/0
+        path: String,
+    },
+}
+
+/// Parses `123`, `0x1f`, `4K`, `1M`, `2G`, `1T` (also `KiB`, `MiB`, ...; powers of 1024).
+fn parse_num(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let (digits, mult) = [
+        ("kib", 1u64 << 10),
+        ("mib", 1 << 20),
+        ("gib", 1 << 30),
+        ("tib", 1 << 40),
+        ("k", 1 << 10),
+        ("m", 1 << 20),
+        ("g", 1 << 30),
+        ("t", 1 << 40),
+    ]
+    .iter()
+    .find_map(|(suf, m)| lower.strip_suffix(suf).map(|d| (d.to_owned(), *m)))
+    .unwrap_or((lower.clone(), 1));
+    let digits = digits.trim_end();
+    let value = if let Some(hex) = digits.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16)
+    } else {
+        digits.parse::<u64>()
+    }
+    .map_err(|_| format!("`{s}` is not a number (decimal, 0x hex, optional K/M/G/T)"))?;
+    value
+        .checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// An error with what we were doing: printed as `vscsi: <context>: <error>`.
+struct Failure {
+    context: String,
+    error: String,
+}
+
+fn fail(context: impl Into<String>, e: impl std::fmt::Display) -> Failure {
+    Failure {
+        context: context.into(),
+        error: e.to_string(),
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn mode_string(mode: u16) -> String {
+    let kind = match mode & MODE_TYPE {
+        MODE_DIR => "directory",
+        MODE_FILE => "disk",
+        _ => "other",
+    };
+    format!("{:o} ({kind}, permissions {:03o})", mode, mode & MODE_PERM)
+}
+
+fn connect(socket: &Option<PathBuf>) -> Result<Client, Failure> {
+    let path = socket.clone().unwrap_or_else(default_socket_path);
+    Client::connect(&path).map_err(|e| match e {
+        // Its message already says what it was connecting to.
+        ClientError::Connect { .. } => Failure {
+            context: String::new(),
+            error: e.to_string(),
+        },
+        e => fail(format!("connect {}", path.display()), e),
+    })
+}
+
+fn ls(c: &Client) -> Result<(), Failure> {
+    let entries = c
+        .list(SCHEME)
+        .map_err(|e| fail(format!("ls {SCHEME}"), e))?;
+    let mut out = io::stdout().lock();
+    let mut first_err = None;
+    let mut lines = vec![format!(
+        "{:<24} {:>16} {:>6}  {}",
+        "DISK", "BYTES", "BLOCK", "SIZE"
+    )];
+    for entry in entries {
+        let path = format!("{SCHEME}:/{entry}");
+        match c.stat_path(&path) {
+            Ok(st) => lines.push(format!(
+                "{path:<24} {:>16} {:>6}  {}",
+                st.size,
+                st.block_size,
+                human(st.size)
+            )),
+            Err(e) => {
+                eprintln!("vscsi: ls {path}: {e}");
+                first_err.get_or_insert(fail(format!("ls {path}"), e));
+            }
+        }
+    }
+    for l in lines {
+        writeln!(out, "{l}").map_err(|e| fail("writing to standard output", e))?;
+    }
+    match first_err {
+        // Already reported per entry; exit 1 without repeating it.
+        Some(_) => Err(Failure {
+            context: String::new(),
+            error: String::new(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn stat(c: &Client, path: &str) -> Result<(), Failure> {
+    let ctx = || format!("stat {path}");
+    let h = c
+        .open_with_flags(path, syscall::flag::O_STAT)
+        .map_err(|e| fail(ctx(), e))?;
+    let st = c.stat(&h).map_err(|e| fail(ctx(), e))?;
+    let canonical = c.fpath(&h).map_err(|e| fail(ctx(), e))?;
+    c.close(h).map_err(|e| fail(ctx(), e))?;
+    let text = format!(
+        "path:       {canonical}\nsize:       {} ({})\nblock size: {}\nblocks:     {}\nmode:       {}\n",
+        st.size,
+        human(st.size),
+        st.block_size,
+        st.blocks,
+        mode_string(st.mode)
+    );
+    io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .map_err(|e| fail("writing to standard output", e))
+}
+
+fn read(c: &Client, path: &str, offset: u64, length: u64) -> Result<(), Failure> {
+    let ctx = || format!("read {path}");
+    if offset.checked_add(length).is_none() {
+        return Err(fail(ctx(), "offset + length overflows"));
+    }
+    let h = c.open(path, OpenFlags::READ).map_err(|e| fail(ctx(), e))?;
+    let chunk = c.chunk_size().min(STREAM_CHUNK);
+    let mut buf = vec![0u8; usize::try_from(length).unwrap_or(usize::MAX).min(chunk)];
+    let mut out = io::stdout().lock();
+    let mut done = 0u64;
+    while done < length {
+        let n = usize::try_from(length - done)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let got = c
+            .read_at(&h, offset + done, &mut buf[..n])
+            .map_err(|e| fail(ctx(), e))?;
+        out.write_all(&buf[..got])
+            .map_err(|e| fail(format!("{}: writing to standard output", ctx()), e))?;
+        done += got as u64;
+        if got < n {
+            let _ = out.flush();
+            return Err(fail(
+                ctx(),
+                ClientError::UnexpectedEof {
+                    offset,
+                    expected: usize::try_from(length).unwrap_or(usize::MAX),
+                    got: usize::try_from(done).unwrap_or(usize::MAX),
+                },
+            ));
+        }
+    }
+    out.flush()
+        .map_err(|e| fail(format!("{}: writing to standard output", ctx()), e))?;
+    c.close(h).map_err(|e| fail(ctx(), e))
+}
+
+/// Fills `buf` from `r` until it is full or `r` ends; returns the bytes read.
+fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+fn write(c: &Client, path: &str, offset: u64) -> Result<(), Failure> {
+    let ctx = || format!("write {path}");
+    let h = c.open(path, OpenFlags::WRITE).map_err(|e| fail(ctx(), e))?;
+    let mut buf = vec![0u8; c.chunk_size().min(STREAM_CHUNK)];
+    let mut input = io::stdin().lock();
+    let mut done = 0u64;
+    loop {
+        let n = fill(&mut input, &mut buf)
+            .map_err(|e| fail(format!("{}: reading standard input", ctx()), e))?;
+        if n == 0 {
+            break;
+        }
+        let at = offset
+            .checked_add(done)
+            .ok_or_else(|| fail(ctx(), "offset overflows"))?;
+        c.write_all_at(&h, at, &buf[..n])
+            .map_err(|e| fail(ctx(), e))?;
+        done += n as u64;
+        if n < buf.len() {
+            break;
+        }
+    }
+    c.close(h).map_err(|e| fail(ctx(), e))
+}
+
+fn sync(c: &Client, path: &str) -> Result<(), Failure> {
+    let ctx = || format!("sync {path}");
+    let h = c.open(path, OpenFlags::READ).map_err(|e| fail(ctx(), e))?;
+    c.sync(&h).map_err(|e| fail(ctx(), e))?;
+    c.close(h).map_err(|e| fail(ctx(), e))
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let c = connect(&cli.socket)?;
+    match cli.cmd {
+        Cmd::Ls => ls(&c),
+        Cmd::Stat { path } => stat(&c, &path),
+        Cmd::Read {
+            path,
+            offset,
+            length,
+        } => read(&c, &path, offset, length),
+        Cmd::Write { path, offset } => write(&c, &path, offset),
+        Cmd::Sync { path } => sync(&c, &path),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            match (f.context.is_empty(), f.error.is_empty()) {
+                (_, true) => {}
+                (true, false) => eprintln!("vscsi: {}", f.error),
+                (false, false) => eprintln!("vscsi: {}: {}", f.context, f.error),
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse_num("0"), Ok(0));
+        assert_eq!(parse_num("4096"), Ok(4096));
+        assert_eq!(parse_num("0x1000"), Ok(4096));
+        assert_eq!(parse_num("0X10"), Ok(16));
+        assert_eq!(parse_num("4K"), Ok(4096));
+        assert_eq!(parse_num("4k"), Ok(4096));
+        assert_eq!(parse_num("1M"), Ok(1 << 20));
+        assert_eq!(parse_num("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_num("1G"), Ok(1 << 30));
+        assert_eq!(parse_num("0x2M"), Ok(2 << 20));
+        assert!(parse_num("").is_err());
+        assert!(parse_num("-1").is_err());
+        assert!(parse_num("1.5M").is_err());
+        assert!(parse_num("12q").is_err());
+        assert!(parse_num("0x").is_err());
+        assert!(parse_num("99999999999T").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(64 << 20), "64.0 MiB");
+        assert_eq!(
+            mode_string(MODE_FILE | 0o644),
+            "100644 (disk, permissions 644)"
+        );
+    }
+}

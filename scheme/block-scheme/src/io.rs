@@ -1,0 +1,195 @@
+//! Byte-granular I/O over a block device: end-of-device clamping, splitting a byte range into
+//! an unaligned head block, whole-block middle chunks (at most [`MAX_IO_CHUNK`] bytes per
+//! device call) and an unaligned tail block, and read-modify-write of the edge blocks under
+//! the disk's [`RangeLock`].
+
+use syscall::error::{EIO, ENOSPC, EROFS, Error};
+
+use crate::range_lock::RangeLock;
+use crate::{BlockDevice, DiskInfo, Result};
+
+/// The largest byte count passed to one `read_blocks`/`write_blocks` call (rounded down to a
+/// whole number of blocks, but at least one block). Larger requests are split into several
+/// calls in ascending order. The caller's buffer is handed to the device directly (no copy),
+/// so this bounds what one device request may have to pin or bounce (DMA buffers, SCSI
+/// transfer length), not memory in this crate. The only scratch memory here is one block for
+/// each unaligned edge.
+pub const MAX_IO_CHUNK: usize = 1 << 20;
+
+/// The shape of one disk as the I/O code uses it, all in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    /// Block size in bytes; never 0.
+    pub(crate) block_size: u64,
+    /// Addressable size in bytes: `blocks * block_size`, capped at the largest whole number of
+    /// blocks that fits in `u64`, so every byte offset below it is representable and all
+    /// offset arithmetic below `size` cannot overflow.
+    pub(crate) size: u64,
+    pub(crate) readonly: bool,
+}
+
+impl Geometry {
+    /// `EIO` for a device that reports a zero block size (a driver bug; never divide by it).
+    pub(crate) fn of(info: &DiskInfo) -> Result<Self> {
+        let block_size = u64::from(info.block_size);
+        if block_size == 0 {
+            log::error!("block device reports a block size of 0");
+            return Err(Error::new(EIO));
+        }
+        let blocks = info.blocks.min(u64::MAX / block_size);
+        Ok(Self {
+            block_size,
+            size: blocks * block_size,
+            readonly: info.readonly,
+        })
+    }
+
+    /// The block size as `usize` (it came from a `u32`).
+    fn bs(&self) -> usize {
+        usize::try_from(self.block_size).unwrap_or(usize::MAX)
+    }
+
+    /// Whole-block bytes per device call: `MAX_IO_CHUNK` rounded down to blocks, >= 1 block.
+    fn chunk(&self) -> usize {
+        let bs = self.bs();
+        (MAX_IO_CHUNK / bs).max(1).saturating_mul(bs)
+    }
+
+    /// How many of `len` bytes at `offset` lie inside the device (0 at or after the end).
+    fn clamp(&self, offset: u64, len: usize) -> usize {
+        let avail = self.size.saturating_sub(offset);
+        // The minimum is at most `len`, so it fits in usize.
+        usize::try_from(avail.min(len as u64)).unwrap_or(len)
+    }
+}
+
+/// One piece of a byte range, in device terms.
+enum Piece {
+    /// `len` bytes at `in_block` inside block `lba`, not the whole block.
+    Partial {
+        lba: u64,
+        in_block: usize,
+        len: usize,
+    },
+    /// Whole blocks starting at `lba`, `len` bytes (a multiple of the block size).
+    Whole { lba: u64, len: usize },
+}
+
+/// Splits `[offset, offset + len)` (inside the device) into the next piece to do.
+fn next_piece(geo: &Geometry, pos: u64, remaining: usize) -> Piece {
+    let bs = geo.block_size;
+    let lba = pos / bs;
+    // `pos % bs < bs <= u32::MAX`, so it fits in usize.
+    let in_block = usize::try_from(pos % bs).unwrap_or(0);
+    if in_block != 0 || (remaining as u64) < bs {
+        let len = remaining.min(geo.bs() - in_block);
+        Piece::Partial { lba, in_block, len }
+    } else {
+        let whole = remaining - remaining % geo.bs();
+        Piece::Whole {
+            lba,
+            len: whole.min(geo.chunk()),
+        }
+    }
+}
+
+/// Reads `buf.len()` bytes at byte `offset` of `disk`.
+///
+/// Returns the bytes read: `buf.len()` inside the device, fewer when the range crosses the
+/// end, 0 at or after the end or for an empty `buf` (no device call then). Any device error
+/// fails the whole read with that errno (nothing is reported as read).
+pub(crate) fn read_at<D: BlockDevice + ?Sized>(
+    dev: &D,
+    disk: usize,
+    geo: &Geometry,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<usize> {
+    let len = geo.clamp(offset, buf.len());
+    let buf = &mut buf[..len];
+    let mut scratch = Vec::new();
+    let (mut pos, mut done) = (offset, 0usize);
+    while done < len {
+        let n = match next_piece(geo, pos, len - done) {
+            Piece::Partial { lba, in_block, len } => {
+                scratch.resize(geo.bs(), 0);
+                dev.read_blocks(disk, lba, &mut scratch)
+                    .inspect_err(|e| log_err("read", disk, lba, e))?;
+                buf[done..done + len].copy_from_slice(&scratch[in_block..in_block + len]);
+                len
+            }
+            Piece::Whole { lba, len } => {
+                dev.read_blocks(disk, lba, &mut buf[done..done + len])
+                    .inspect_err(|e| log_err("read", disk, lba, e))?;
+                len
+            }
+        };
+        done += n;
+        pos += n as u64; // <= offset + len <= geo.size
+    }
+    Ok(len)
+}
+
+/// Writes `buf` at byte `offset` of `disk`.
+///
+/// Returns the bytes written: `buf.len()` inside the device, fewer when the range crosses the
+/// end; `ENOSPC` for a non-empty write at or after the end; 0 for an empty `buf` (no device
+/// call, no error even past the end); `EROFS` for a read-only disk. The whole block-aligned
+/// range is held in `lock` while writing, so edge-block read-modify-write never loses a
+/// concurrent writer's neighbouring bytes. Any device error fails the whole write with that
+/// errno: nothing is reported as written, although blocks before the failing call may already
+/// hold new data (as after any failed write).
+pub(crate) fn write_at<D: BlockDevice + ?Sized>(
+    dev: &D,
+    disk: usize,
+    geo: &Geometry,
+    lock: &RangeLock,
+    offset: u64,
+    buf: &[u8],
+) -> Result<usize> {
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    if geo.readonly {
+        return Err(Error::new(EROFS));
+    }
+    let len = geo.clamp(offset, buf.len());
+    if len == 0 {
+        return Err(Error::new(ENOSPC));
+    }
+    let buf = &buf[..len];
+    let end = offset + len as u64; // <= geo.size
+    let bs = geo.block_size;
+    let lock_start = offset - offset % bs;
+    // `geo.size` is a multiple of the block size, so rounding `end` up stays <= size.
+    let lock_end = end.div_ceil(bs).checked_mul(bs).unwrap_or(geo.size);
+    let _held = lock.lock(lock_start, lock_end);
+
+    let mut scratch = Vec::new();
+    let (mut pos, mut done) = (offset, 0usize);
+    while done < len {
+        let n = match next_piece(geo, pos, len - done) {
+            Piece::Partial { lba, in_block, len } => {
+                scratch.resize(geo.bs(), 0);
+                dev.read_blocks(disk, lba, &mut scratch)
+                    .inspect_err(|e| log_err("read (for read-modify-write)", disk, lba, e))?;
+                scratch[in_block..in_block + len].copy_from_slice(&buf[done..done + len]);
+                dev.write_blocks(disk, lba, &scratch)
+                    .inspect_err(|e| log_err("write", disk, lba, e))?;
+                len
+            }
+            Piece::Whole { lba, len } => {
+                dev.write_blocks(disk, lba, &buf[done..done + len])
+                    .inspect_err(|e| log_err("write", disk, lba, e))?;
+                len
+            }
+        };
+        done += n;
+        pos += n as u64;
+    }
+    Ok(len)
+}
+
+fn log_err(what: &str, disk: usize, lba: u64, e: &Error) {
+    log::warn!("disk {disk}: {what} at block {lba} failed: {e}");
+}
