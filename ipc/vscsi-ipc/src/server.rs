@@ -342,7 +342,13 @@ impl<D: BlockDevice> Server<D> {
             cv: Condvar::new(),
         });
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
-        let workers = self.spawn_workers(&job_rx)?;
+        let workers = match self.spawn_workers(&job_rx) {
+            Ok(w) => w,
+            Err(e) => {
+                self.remove_socket_file();
+                return Err(e);
+            }
+        };
         drop(job_rx);
         let limits = Limits {
             max_in_flight: self.config.max_in_flight_per_conn.max(1),

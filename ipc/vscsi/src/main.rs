@@ -27,9 +27,14 @@ const STREAM_CHUNK: usize = 16 << 20;
                   Numbers are decimal or 0x hex, optionally with a K, M, G or T suffix (powers of 1024)."
 )]
 struct Cli {
-    /// The daemon's socket [default: $VSCSI_SOCKET; else /run/virtio-scsid.sock as root;
-    /// else $XDG_RUNTIME_DIR/virtio-scsid.sock; else /tmp/virtio-scsid-<uid>.sock]
-    #[arg(long, value_name = "PATH", global = true)]
+    /// The daemon's socket (default: see `vscsi_ipc::default_socket_path`).
+    #[arg(
+        long,
+        value_name = "PATH",
+        global = true,
+        help = "The daemon's socket [default: $VSCSI_SOCKET; else /run/virtio-scsid.sock as root; \
+                else $XDG_RUNTIME_DIR/virtio-scsid.sock; else /tmp/virtio-scsid-<uid>.sock]"
+    )]
     socket: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
