@@ -595,7 +595,7 @@ impl QemuMachine {
 
     fn check_mmio(addr: u64, width: Width) -> Result<()> {
         let n = width.bytes() as u64;
-        if addr % n != 0 {
+        if !addr.is_multiple_of(n) {
             return Err(PlatformError::Invalid(format!(
                 "MMIO address {addr:#x} is not aligned to {n} bytes"
             )));
@@ -650,7 +650,7 @@ fn config_address(dev: PciAddress, offset: u8) -> Result<u32> {
             "no such PCI function {dev}"
         )));
     }
-    if offset % 4 != 0 {
+    if !offset.is_multiple_of(4) {
         return Err(PlatformError::Invalid(format!(
             "PCI config offset {offset:#x} is not dword-aligned"
         )));

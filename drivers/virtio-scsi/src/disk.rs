@@ -150,10 +150,11 @@ impl Disk {
     }
 }
 
+/// Runs one data-in command on the LUN being probed; returns the bytes received.
+type Exec<'a> = dyn Fn(scsi::Cdb, &mut [u8]) -> Result<usize, DriverError> + 'a;
+
 /// READ CAPACITY(16), falling back to (10) when the device rejects (16).
-fn read_capacity(
-    exec: &dyn Fn(scsi::Cdb, &mut [u8]) -> Result<usize, DriverError>,
-) -> Result<scsi::Capacity, DriverError> {
+fn read_capacity(exec: &Exec<'_>) -> Result<scsi::Capacity, DriverError> {
     let mut b16 = [0u8; 32];
     match exec(scsi::Cdb::read_capacity16(b16.len() as u32), &mut b16) {
         Ok(n) => {
@@ -172,7 +173,7 @@ fn read_capacity(
 
 /// The WP bit of the MODE SENSE(10) header; a device that cannot answer is taken as writable
 /// (a write will then fail with DATA PROTECT, which maps to EROFS).
-fn write_protected(exec: &dyn Fn(scsi::Cdb, &mut [u8]) -> Result<usize, DriverError>) -> bool {
+fn write_protected(exec: &Exec<'_>) -> bool {
     let mut b = [0u8; 255];
     let Ok(cdb) = scsi::Cdb::mode_sense10(0x3f, 0, true, b.len() as u16) else {
         return false;

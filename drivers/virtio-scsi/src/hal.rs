@@ -98,7 +98,9 @@ impl DmaArena {
     /// and whose device addresses reach the same bytes.
     pub unsafe fn register(window: DmaWindow) -> Result<Self, &'static str> {
         let cpu_base = window.cpu_ptr.as_ptr() as usize;
-        if cpu_base % PAGE_SIZE != 0 || window.device_addr % PAGE_SIZE as u64 != 0 {
+        if !cpu_base.is_multiple_of(PAGE_SIZE)
+            || !window.device_addr.is_multiple_of(PAGE_SIZE as u64)
+        {
             return Err("DMA window is not page aligned");
         }
         let npages = window.len / PAGE_SIZE;

@@ -429,7 +429,7 @@ impl ScsiHost {
     fn block_io(&self, disk: &Disk, lba: u64, buf: BlockBuf<'_>) -> Result<(), DriverError> {
         let bs = disk.block_size as usize;
         let len = buf.len();
-        if len == 0 || len % bs != 0 {
+        if len == 0 || !len.is_multiple_of(bs) {
             return Err(DriverError::Invalid(format!(
                 "{len} bytes is not a whole number of {bs}-byte blocks"
             )));

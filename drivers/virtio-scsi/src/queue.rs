@@ -106,6 +106,14 @@ struct Chain {
     dir: DataDir,
 }
 
+/// The buffer list of one chain: device-readable (`inputs`) then device-writable (`outputs`).
+struct ChainBuffers<'a> {
+    inputs: [&'a [u8]; 2],
+    n_in: usize,
+    outputs: [&'a mut [u8]; 2],
+    n_out: usize,
+}
+
 /// Everything behind the queue lock.
 struct QueueInner {
     vq: VirtQueue<ShmHal, QUEUE_SIZE>,
@@ -285,13 +293,14 @@ impl RequestQueue {
         unsafe { base.add(offset) }
     }
 
-    /// Rebuilds the buffer lists of a chain. The slices point into DMA memory.
+    /// Rebuilds the buffer lists of a chain (no allocation: fixed arrays plus counts). The
+    /// slices point into DMA memory.
     ///
     /// # Safety
     /// The chain's slot must not be accessed by anyone else while the slices live (true for a
     /// chain being added under the queue lock by its owner, or popped after the device
-    /// returned it).
-    unsafe fn buffers(&self, c: &Chain) -> (Vec<&[u8]>, Vec<&mut [u8]>) {
+    /// returned it), and the caller picks a lifetime `'a` no longer than that.
+    unsafe fn buffers<'a>(&self, c: &Chain) -> ChainBuffers<'a> {
         // SAFETY: each range lies inside the slot's DMA allocation (request header at 0,
         // response at RESP_OFFSET, data at DATA_OFFSET with data_len <= data_cap), the ranges do
         // not overlap, and by the caller's contract nothing else accesses them meanwhile.
@@ -300,18 +309,24 @@ impl RequestQueue {
             let resp =
                 std::slice::from_raw_parts_mut(self.ptr(c.slot, RESP_OFFSET).as_ptr(), c.resp_len);
             let data_ptr = self.ptr(c.slot, DATA_OFFSET).as_ptr();
-            let mut inputs: Vec<&[u8]> = vec![req];
-            let mut outputs: Vec<&mut [u8]> = vec![resp];
+            let mut b = ChainBuffers {
+                inputs: [req, &[]],
+                n_in: 1,
+                outputs: [resp, &mut []],
+                n_out: 1,
+            };
             match c.dir {
                 DataDir::Out if c.data_len > 0 => {
-                    inputs.push(std::slice::from_raw_parts(data_ptr, c.data_len))
+                    b.inputs[1] = std::slice::from_raw_parts(data_ptr, c.data_len);
+                    b.n_in = 2;
                 }
                 DataDir::In if c.data_len > 0 => {
-                    outputs.push(std::slice::from_raw_parts_mut(data_ptr, c.data_len))
+                    b.outputs[1] = std::slice::from_raw_parts_mut(data_ptr, c.data_len);
+                    b.n_out = 2;
                 }
                 _ => {}
             }
-            (inputs, outputs)
+            b
         }
     }
 
@@ -335,9 +350,13 @@ impl RequestQueue {
             let popped_len = {
                 // SAFETY: the device returned this chain (it is in the used ring), so it no
                 // longer touches the buffers, and the owner is waiting, not accessing them.
-                let (inputs, mut outputs) = unsafe { self.buffers(&chain) };
+                let mut b = unsafe { self.buffers(&chain) };
                 // SAFETY: these are exactly the buffers that were added with this token.
-                unsafe { inner.vq.pop_used(token, &inputs, &mut outputs) }
+                unsafe {
+                    inner
+                        .vq
+                        .pop_used(token, &b.inputs[..b.n_in], &mut b.outputs[..b.n_out])
+                }
             };
             inner.chains[usize::from(token)] = None;
             popped += 1;
@@ -443,10 +462,10 @@ impl SlotGuard<'_> {
             }
             let token = {
                 // SAFETY: the slot is owned by this guard; the slices live only during `add`.
-                let (inputs, mut outputs) = unsafe { q.buffers(&chain) };
+                let mut b = unsafe { q.buffers(&chain) };
                 // SAFETY: the buffers are DMA memory that stays valid and untouched by us until
                 // the chain is popped (`drain`), the only place that frees the slot again.
-                unsafe { inner.vq.add(&inputs, &mut outputs) }
+                unsafe { inner.vq.add(&b.inputs[..b.n_in], &mut b.outputs[..b.n_out]) }
             }
             .map_err(|e| q.broken_error(&format!("add: {e}")))?;
             match inner.chains.get_mut(usize::from(token)) {

@@ -476,9 +476,9 @@ impl Transport for PciTransport {
 /// The widest naturally aligned access (at most 32 bits, as virtio config allows) at `offset`
 /// with `left` bytes to go.
 fn access_width(offset: usize, left: usize) -> Width {
-    if offset % 4 == 0 && left >= 4 {
+    if offset.is_multiple_of(4) && left >= 4 {
         Width::U32
-    } else if offset % 2 == 0 && left >= 2 {
+    } else if offset.is_multiple_of(2) && left >= 2 {
         Width::U16
     } else {
         Width::U8

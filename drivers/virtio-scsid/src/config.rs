@@ -67,12 +67,12 @@ fn split_unescaped(s: &str) -> Vec<String> {
         if c == ',' {
             if chars.peek() == Some(&',') {
                 chars.next();
-                out.last_mut().map(|p| p.push(','));
+                if let Some(p) = out.last_mut() { p.push(',') }
             } else {
                 out.push(String::new());
             }
         } else {
-            out.last_mut().map(|p| p.push(c));
+            if let Some(p) = out.last_mut() { p.push(c) }
         }
     }
     out
