@@ -43,8 +43,16 @@ impl SpinTarget {
     fn lock(&self) {
         let mut backoff = Backoff::new();
         loop {
-            // Test (a shared read, no cache-line ping-pong while held), then test-and-set.
-            if !self.locked.load(Relaxed) && !self.locked.swap(true, Acquire) {
+            // Test (a shared read, no cache-line ping-pong while held), then test-and-set. A
+            // compare-exchange rather than a swap: a failed attempt writes nothing (loom's
+            // partial modification order also cannot place a failed swap's `true` correctly
+            // against the holder's unlock, and would spin forever).
+            if !self.locked.load(Relaxed)
+                && self
+                    .locked
+                    .compare_exchange(false, true, Acquire, Relaxed)
+                    .is_ok()
+            {
                 return;
             }
             // The holder may be preempted in userspace: spin briefly, then yield.

@@ -35,12 +35,25 @@ const SPIN_STEPS: u32 = 7;
 /// Under loom every wait is a `loom::thread::yield_now`, which tells the model checker that
 /// this thread cannot make progress until another one runs (without it a spin loop would be an
 /// unbounded number of interleavings).
+///
+/// Loom cannot model two threads spin-waiting on a third (its scheduler may alternate between
+/// the two waiters forever: tokio-rs/loom issue #53), so under loom a wait that has failed
+/// `MODEL_WAIT_LIMIT` times stops further exploration of that execution (`loom::skip_branch`,
+/// after which the default schedule runs the thread everyone waits for). This loses no
+/// outcome: a failed wait iteration only loads (and bumps an unmodelled statistics counter), so
+/// deleting it from an execution leaves a valid execution with the same results, and such an
+/// execution with fewer failed iterations is among those explored.
 pub(crate) struct Backoff {
     #[cfg(not(loom))]
     spin: crossbeam_utils::Backoff,
     #[cfg(not(loom))]
     steps: u32,
+    #[cfg(loom)]
+    waits: u32,
 }
+
+#[cfg(loom)]
+const MODEL_WAIT_LIMIT: u32 = 3;
 
 impl Backoff {
     #[inline]
@@ -50,6 +63,8 @@ impl Backoff {
             spin: crossbeam_utils::Backoff::new(),
             #[cfg(not(loom))]
             steps: 0,
+            #[cfg(loom)]
+            waits: 0,
         }
     }
 
@@ -68,6 +83,10 @@ impl Backoff {
         #[cfg(loom)]
         {
             let _ = SPIN_STEPS;
+            self.waits += 1;
+            if self.waits == MODEL_WAIT_LIMIT {
+                loom::skip_branch();
+            }
             loom::thread::yield_now();
         }
     }

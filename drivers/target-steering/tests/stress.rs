@@ -99,7 +99,7 @@ fn completions_on_another_thread() {
                 held.push(t);
                 if held.len() > 3 || rng.below(3) == 0 {
                     let i = rng.below(held.len() as u64) as usize;
-                    held.swap_remove(i);
+                    drop(held.swap_remove(i));
                 }
             }
         });

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use platform::{IrqWait, Platform};
 use scsi_commands as scsi;
+use target_steering::{LockKind, Picked, Policy, Steering, SteeringStats, Tracker};
 use virtio_drivers::device::common::Feature;
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, Transport};
@@ -47,6 +48,14 @@ pub struct HostConfig {
     pub command_timeout: Duration,
     /// Highest target id to scan (capped by the device's `max_target`).
     pub max_scan_target: u16,
+    /// How a request queue is chosen for each block request.
+    pub steering: Policy,
+    /// The per-target state's synchronisation (seqcount is the design; the others exist to be
+    /// measured against it).
+    pub steering_lock: LockKind,
+    /// Check on live traffic that all in-flight requests of a target share one queue (costs a
+    /// mutex per request; for tests). Violations are counted in [`HostStats`].
+    pub check_steering: bool,
 }
 
 impl Default for HostConfig {
@@ -56,6 +65,9 @@ impl Default for HostConfig {
             slot_bytes: 128 * 1024,
             command_timeout: Duration::from_secs(60),
             max_scan_target: 255,
+            steering: Policy::PerTarget,
+            steering_lock: LockKind::Seqcount,
+            check_steering: false,
         }
     }
 }
@@ -99,6 +111,14 @@ pub struct ScsiHost {
     config: ScsiConfig,
     features: u64,
     queues: Vec<RequestQueue>,
+    /// Which request queue each block request uses (see the `target-steering` crate for its
+    /// concurrency rules). Never held together with a queue lock: a route is picked before a
+    /// slot is taken and completed after the slot is released.
+    steering: Steering,
+    /// Live invariant check, when enabled.
+    tracker: Option<Tracker>,
+    /// Picks the tracker found on a queue other than the target's in-flight queue.
+    violations: AtomicU64,
     /// Set up so the device is complete; task management and events use them later.
     _control: Mutex<VirtQueue<ShmHal, SMALL_QUEUE_SIZE>>,
     _event: Mutex<VirtQueue<ShmHal, SMALL_QUEUE_SIZE>>,
@@ -195,12 +215,17 @@ impl ScsiHost {
         );
 
         let isr = transport.isr_reader();
+        let steering = Steering::new(cfg.steering, cfg.steering_lock, nreq, 256);
+        let tracker = (cfg.check_steering && cfg.steering != Policy::PerCpu).then(Tracker::new);
         let host = Arc::new(ScsiHost {
             platform,
             transport: Mutex::new(transport),
             config,
             features: negotiated.bits(),
             queues,
+            steering,
+            tracker,
+            violations: AtomicU64::new(0),
             _control: Mutex::new(control),
             _event: Mutex::new(event),
             disks: RwLock::new(Vec::new()),
@@ -297,10 +322,47 @@ impl ScsiHost {
         }
     }
 
-    /// The request queue for a command to `disk` from the calling thread.
-    fn pick_queue(&self, _disk: &Disk) -> &RequestQueue {
-        let cpu = self.platform.current_cpu();
-        &self.queues[cpu % self.queues.len()]
+    /// Picks the request queue for one block request to `disk` from the calling thread (whose
+    /// CPU is the "current CPU" of the steering policy). The route stays picked until dropped,
+    /// which must be after the request's last command completed.
+    fn route(&self, disk: &Disk) -> Route<'_> {
+        let picked = self.steering.pick(disk.target, self.platform.current_cpu());
+        let tracked = match &self.tracker {
+            Some(t) => match t.try_begin(disk.target, picked.queue()) {
+                Ok(()) => true,
+                Err(v) => {
+                    self.violations.fetch_add(1, Ordering::Relaxed);
+                    log::error!("steering invariant violated: {v}");
+                    false
+                }
+            },
+            None => false,
+        };
+        Route {
+            host: self,
+            picked,
+            tracked,
+        }
+    }
+
+    /// Counters of the request path.
+    pub fn stats(&self) -> HostStats {
+        let q = |f: fn(&RequestQueue) -> &AtomicU64| {
+            self.queues
+                .iter()
+                .map(|x| f(x).load(Ordering::Relaxed))
+                .collect()
+        };
+        HostStats {
+            policy: self.steering.policy(),
+            lock: self.steering.lock_kind(),
+            submitted: q(|x| &x.stats.submitted),
+            completed: q(|x| &x.stats.completed),
+            kicks: q(|x| &x.stats.kicks),
+            steering: self.steering.stats(),
+            invariant_checked: self.tracker.is_some(),
+            invariant_violations: self.violations.load(Ordering::Relaxed),
+        }
     }
 
     /// Runs one command on `queue`, once, and checks its response.
@@ -416,13 +478,9 @@ impl ScsiHost {
     /// SYNCHRONIZE CACHE on the whole disk: every completed write is on the backend after.
     pub fn flush(&self, disk: &Disk) -> Result<(), DriverError> {
         let cdb = scsi::Cdb::synchronize_cache10();
-        self.execute_on(
-            self.pick_queue(disk),
-            &disk.lun_field,
-            cdb.as_slice(),
-            Data::None,
-        )
-        .map(|_| ())
+        let route = self.route(disk);
+        self.execute_on(route.queue(), &disk.lun_field, cdb.as_slice(), Data::None)
+            .map(|_| ())
     }
 
     /// Splits a block request into commands and keeps them all in flight at once.
@@ -441,7 +499,8 @@ impl ScsiHost {
                 disk.blocks
             )));
         }
-        let queue = self.pick_queue(disk);
+        let route = self.route(disk);
+        let queue = route.queue();
         let chunk = disk.max_transfer_bytes.min(queue.data_cap()) / bs * bs;
         if chunk == 0 {
             return Err(DriverError::Invalid(
@@ -595,6 +654,76 @@ impl ScsiHost {
 impl Drop for ScsiHost {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A picked request queue; completes the steering pick on drop.
+struct Route<'h> {
+    host: &'h ScsiHost,
+    picked: Picked<'h>,
+    tracked: bool,
+}
+
+impl Route<'_> {
+    fn queue(&self) -> &RequestQueue {
+        &self.host.queues[self.picked.queue()]
+    }
+}
+
+impl Drop for Route<'_> {
+    fn drop(&mut self) {
+        // The invariant record ends before the steering pick completes (when `picked` drops
+        // after this), so the record never shows a request the steering no longer counts.
+        if self.tracked
+            && let Some(t) = &self.host.tracker
+        {
+            t.end(self.picked.target());
+        }
+    }
+}
+
+/// Counters of the request path, for `vscsi stats`.
+#[derive(Clone, Debug)]
+pub struct HostStats {
+    /// Steering policy.
+    pub policy: Policy,
+    /// Per-target synchronisation.
+    pub lock: LockKind,
+    /// Commands submitted per request queue.
+    pub submitted: Vec<u64>,
+    /// Commands completed per request queue.
+    pub completed: Vec<u64>,
+    /// Notifications sent per request queue.
+    pub kicks: Vec<u64>,
+    /// Steering counters (seqcount read retries, changes per target).
+    pub steering: SteeringStats,
+    /// Whether the live invariant check runs.
+    pub invariant_checked: bool,
+    /// Violations the live check found.
+    pub invariant_violations: u64,
+}
+
+impl std::fmt::Display for HostStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "steering {} lock {}", self.policy, self.lock)?;
+        for i in 0..self.submitted.len() {
+            writeln!(
+                f,
+                "queue {i} submitted {} completed {} kicks {}",
+                self.submitted[i], self.completed[i], self.kicks[i]
+            )?;
+        }
+        writeln!(f, "seqcount_read_retries {}", self.steering.seq_retries)?;
+        writeln!(f, "seqcount_writer_kept {}", self.steering.writer_kept)?;
+        for (t, n) in self.steering.changes_per_target.iter().enumerate() {
+            if *n > 0 {
+                writeln!(f, "target {t} steering_changes {n}")?;
+            }
+        }
+        if self.invariant_checked {
+            writeln!(f, "invariant_violations {}", self.invariant_violations)?;
+        }
+        Ok(())
     }
 }
 

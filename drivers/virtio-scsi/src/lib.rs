@@ -16,4 +16,5 @@ pub mod wire;
 
 pub use disk::Disk;
 pub use error::DriverError;
-pub use host::{HostConfig, ScsiHost};
+pub use host::{HostConfig, HostStats, ScsiHost};
+pub use target_steering::{LockKind, Policy};

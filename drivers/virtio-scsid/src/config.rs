@@ -67,12 +67,16 @@ fn split_unescaped(s: &str) -> Vec<String> {
         if c == ',' {
             if chars.peek() == Some(&',') {
                 chars.next();
-                if let Some(p) = out.last_mut() { p.push(',') }
+                if let Some(p) = out.last_mut() {
+                    p.push(',')
+                }
             } else {
                 out.push(String::new());
             }
         } else {
-            if let Some(p) = out.last_mut() { p.push(c) }
+            if let Some(p) = out.last_mut() {
+                p.push(c)
+            }
         }
     }
     out

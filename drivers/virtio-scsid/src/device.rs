@@ -69,4 +69,8 @@ impl BlockDevice for HostDevices {
         let d = self.disk(disk)?;
         self.host.flush(&d).map_err(|e| errno("flush", disk, e))
     }
+
+    fn stats(&self) -> String {
+        self.host.stats().to_string()
+    }
 }

@@ -18,7 +18,7 @@ use block_scheme::DiskScheme;
 use clap::Parser;
 use crossbeam_channel::{RecvTimeoutError, select};
 use qemu_machine::{Accel, DiskFormat, DiskSpec, MachineConfig, QemuMachine};
-use virtio_scsi::{HostConfig, ScsiHost};
+use virtio_scsi::{HostConfig, LockKind, Policy, ScsiHost};
 use vscsi_ipc::{Server, ServerConfig};
 
 use crate::config::{DiskArg, Format};
@@ -55,9 +55,22 @@ struct Args {
     /// Accelerator for the machine: auto (KVM when /dev/kvm is usable), tcg or kvm.
     #[arg(long, default_value = "auto", value_parser = ["auto", "tcg", "kvm"])]
     accel: String,
-    /// Worker threads serving client requests.
+    /// Worker threads serving client requests (pinned round-robin to the CPUs; a request is
+    /// submitted by the worker that runs it, and that worker's CPU picks its queue).
     #[arg(long, default_value_t = 64)]
     workers: usize,
+    /// How a request queue is chosen: per-target (seqcount steering: all in-flight requests of
+    /// a target on one queue), per-cpu (the submitting CPU's queue) or single (queue 0).
+    #[arg(long, default_value = "per-target")]
+    steering: Policy,
+    /// Synchronisation of per-target steering state: seqcount, spinlock or mutex (the last two
+    /// only to measure against the seqcount).
+    #[arg(long, default_value = "seqcount")]
+    steering_lock: LockKind,
+    /// Check on live traffic that all in-flight requests of a target share one queue
+    /// (a mutex per request; violations show in `vscsi stats`).
+    #[arg(long)]
+    check_steering: bool,
 }
 
 fn main() -> ExitCode {
@@ -149,6 +162,9 @@ fn run(args: Args) -> Result<(), String> {
         machine.clone(),
         HostConfig {
             queues: Some(usize::from(args.queues)),
+            steering: args.steering,
+            steering_lock: args.steering_lock,
+            check_steering: args.check_steering,
             ..HostConfig::default()
         },
     )
@@ -173,6 +189,7 @@ fn run(args: Args) -> Result<(), String> {
         ServerConfig {
             socket_path: socket.clone(),
             workers: args.workers.max(1),
+            pin_workers: true,
             ..ServerConfig::default()
         },
         scheme,

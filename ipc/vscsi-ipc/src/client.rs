@@ -853,6 +853,12 @@ impl Client {
         String::from_utf8(reply.payload).map_err(|_| protocol_err("fpath reply is not UTF-8"))
     }
 
+    /// The driver's counters as text, one `name value` item per line.
+    pub fn stats(&self) -> Result<String, ClientError> {
+        let reply = self.inner.call(&Request::Stats)?;
+        String::from_utf8(reply.payload).map_err(|_| protocol_err("stats reply is not UTF-8"))
+    }
+
     /// Closes the handle and reports the server's result.
     pub fn close(&self, mut h: Handle) -> Result<(), ClientError> {
         self.check_handle(&h)?;

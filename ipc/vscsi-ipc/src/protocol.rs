@@ -60,6 +60,7 @@
 //! | 7  | Fsize | handle                           | size in bytes        | —                      |
 //! | 8  | Fpath | handle                           | 0                    | path (UTF-8)           |
 //! | 9  | Close | handle                           | 0                    | —                      |
+//! | 10 | Stats | —                                | 0                    | driver counters (UTF-8 text) |
 //!
 //! The Open path is the path inside the scheme (`""`, `"/"`, `"/0"`, `"0p1"`); the client library
 //! strips a `disk.virtio-scsi:` prefix after checking it against the scheme name from Hello.
@@ -135,6 +136,8 @@ pub enum Opcode {
     Fpath = 8,
     /// Close a handle.
     Close = 9,
+    /// Driver counters.
+    Stats = 10,
 }
 
 impl Opcode {
@@ -150,6 +153,7 @@ impl Opcode {
             7 => Opcode::Fsize,
             8 => Opcode::Fpath,
             9 => Opcode::Close,
+            10 => Opcode::Stats,
             _ => return None,
         })
     }
@@ -166,6 +170,7 @@ impl Opcode {
             Opcode::Fsize => "fsize",
             Opcode::Fpath => "fpath",
             Opcode::Close => "close",
+            Opcode::Stats => "stats",
         }
     }
 }
@@ -195,6 +200,8 @@ pub enum Request {
     Fpath { handle: u64 },
     /// Close.
     Close { handle: u64 },
+    /// Driver counters.
+    Stats,
 }
 
 impl Request {
@@ -210,6 +217,7 @@ impl Request {
             Request::Fsize { .. } => Opcode::Fsize,
             Request::Fpath { .. } => Opcode::Fpath,
             Request::Close { .. } => Opcode::Close,
+            Request::Stats => Opcode::Stats,
         }
     }
 
@@ -227,7 +235,7 @@ impl Request {
     /// produce a header the server will refuse (the client library never builds those).
     pub fn header(&self, tag: u64) -> RequestHeader {
         let (handle, offset, arg) = match *self {
-            Request::Hello { .. } => (0, 0, 0),
+            Request::Hello { .. } | Request::Stats => (0, 0, 0),
             Request::Open { flags, .. } => (0, 0, flags),
             Request::Read {
                 handle,
@@ -475,6 +483,7 @@ impl RequestHeader {
             Opcode::Fsync | Opcode::Fstat | Opcode::Fsize | Opcode::Fpath | Opcode::Close => {
                 (true, false, false, 0, EMSGSIZE)
             }
+            Opcode::Stats => (false, false, false, 0, EMSGSIZE),
         };
         if plen > cap {
             return err(
@@ -550,6 +559,7 @@ impl RequestHeader {
             Opcode::Fsize => Request::Fsize { handle: h },
             Opcode::Fpath => Request::Fpath { handle: h },
             Opcode::Close => Request::Close { handle: h },
+            Opcode::Stats => Request::Stats,
         })
     }
 }

@@ -89,6 +89,9 @@ pub struct ServerConfig {
     pub max_in_flight_per_conn: usize,
     /// Permissions of the socket file, e.g. `0o660`.
     pub socket_mode: u32,
+    /// Pin worker `i` to the `i mod n`-th CPU this process may run on, so that the CPU a
+    /// request is submitted from (which the driver's queue steering uses) is the worker's.
+    pub pin_workers: bool,
 }
 
 impl ServerConfig {
@@ -100,6 +103,7 @@ impl ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_in_flight_per_conn: DEFAULT_MAX_IN_FLIGHT_PER_CONN,
             socket_mode: DEFAULT_SOCKET_MODE,
+            pin_workers: false,
         }
     }
 }
@@ -379,13 +383,24 @@ impl<D: BlockDevice> Server<D> {
 
     fn spawn_workers(&self, job_rx: &Receiver<Job>) -> io::Result<Vec<thread::JoinHandle<()>>> {
         let n = self.config.workers.max(1);
+        let cpus = if self.config.pin_workers {
+            allowed_cpus()
+        } else {
+            Vec::new()
+        };
         let mut v = Vec::with_capacity(n);
         for i in 0..n {
             let rx = job_rx.clone();
             let scheme = self.scheme.clone();
+            let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
             let h = thread::Builder::new()
                 .name(format!("vscsi-worker-{i}"))
-                .spawn(move || worker(scheme, rx));
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_to(cpu);
+                    }
+                    worker(scheme, rx)
+                });
             match h {
                 Ok(h) => v.push(h),
                 Err(e) if !v.is_empty() => {
@@ -677,6 +692,28 @@ struct Job {
     cost: u64,
 }
 
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect(),
+        Err(e) => {
+            warn!("cannot read the CPU affinity ({e}); workers stay unpinned");
+            Vec::new()
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+        warn!("cannot pin a worker to CPU {cpu}: {e}");
+    }
+}
+
 fn worker<D: BlockDevice>(scheme: Arc<DiskScheme<D>>, rx: Receiver<Job>) {
     for job in rx.iter() {
         let op = job.req.opcode();
@@ -779,6 +816,14 @@ fn execute<D: BlockDevice>(scheme: &DiskScheme<D>, conn: &Conn, tag: u64, req: R
             Ok(ok_frame(op, tag, 0, p.into_bytes()))
         }),
         Request::Close { handle } => close(scheme, conn, tag, handle),
+        Request::Stats => {
+            let text = scheme.device().stats();
+            if text.len() > MAX_PAYLOAD {
+                Err(syscall::error::Error::new(EIO))
+            } else {
+                Ok(ok_frame(op, tag, 0, text.into_bytes()))
+            }
+        }
     };
     res.unwrap_or_else(|e| err_frame(op, tag, e))
 }

@@ -73,6 +73,8 @@ enum Cmd {
         /// The disk, e.g. disk.virtio-scsi:/0
         path: String,
     },
+    /// Show the driver's counters: per-queue submissions and completions, steering
+    Stats,
 }
 
 /// Parses `123`, `0x1f`, `4K`, `1M`, `2G`, `1T` (also `KiB`, `MiB`, ...; powers of 1024).
@@ -296,6 +298,12 @@ fn sync(c: &Client, path: &str) -> Result<(), Failure> {
     c.close(h).map_err(|e| fail(ctx(), e))
 }
 
+fn stats(c: &Client) -> Result<(), Failure> {
+    let text = c.stats().map_err(|e| fail("stats", e))?;
+    print!("{text}");
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     let c = connect(&cli.socket)?;
     match cli.cmd {
@@ -308,6 +316,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => read(&c, &path, offset, length),
         Cmd::Write { path, offset } => write(&c, &path, offset),
         Cmd::Sync { path } => sync(&c, &path),
+        Cmd::Stats => stats(&c),
     }
 }
 

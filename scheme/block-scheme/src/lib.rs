@@ -107,6 +107,10 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write_blocks(&self, disk: usize, lba: u64, buf: &[u8]) -> Result<()>;
     /// Makes every completed write durable on the backend (SYNCHRONIZE CACHE).
     fn flush(&self, disk: usize) -> Result<()>;
+    /// Driver counters as text, one `name value` item per line (for `vscsi stats`).
+    fn stats(&self) -> String {
+        String::new()
+    }
 }
 
 /// Who is calling: from the kernel (Redox) or the socket peer's credentials (host).
