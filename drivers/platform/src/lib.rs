@@ -93,6 +93,16 @@ unsafe impl Send for DmaWindow {}
 // SAFETY: as above, sharing the description shares no access.
 unsafe impl Sync for DmaWindow {}
 
+/// A window of device-visible memory that can be handed to another process: `fd` maps the
+/// whole window (offset 0 = `window.device_addr`) and nothing else.
+#[derive(Debug)]
+pub struct SharedWindow {
+    /// The window as this process and the device see it.
+    pub window: DmaWindow,
+    /// A file descriptor of exactly this window's memory.
+    pub fd: std::os::fd::OwnedFd,
+}
+
 /// A region of the bus address space where the driver may place a device's memory BARs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmioWindow {
@@ -150,4 +160,15 @@ pub trait Platform: Send + Sync + 'static {
 
     /// `Ok` while the machine works; the error that ended it otherwise.
     fn health(&self) -> Result<()>;
+
+    /// A new window of device-visible memory, separate from [`Platform::dma_window`] and from
+    /// every other such window, with a file descriptor that maps exactly it (for a client's
+    /// zero-copy arena). It stays valid as long as the platform. Backends that cannot do this
+    /// return `Invalid`.
+    fn alloc_shared_window(&self, len: usize) -> Result<SharedWindow> {
+        let _ = len;
+        Err(PlatformError::Invalid(
+            "this platform has no shareable DMA windows".into(),
+        ))
+    }
 }

@@ -52,6 +52,10 @@ pub struct DiskSpec {
     pub target: u8,
     /// LUN, 0..=16383.
     pub lun: u16,
+    /// QEMU `-drive` options given verbatim instead of `path`/`format`/`readonly` (e.g.
+    /// `driver=null-co,size=1G,latency-ns=1000` or a `blkdebug` chain); `if=none,id=dN` is
+    /// appended, so they must not set `if` or `id`.
+    pub drive_options: Option<String>,
 }
 
 impl DiskSpec {
@@ -64,6 +68,7 @@ impl DiskSpec {
             readonly: false,
             target: 0,
             lun: 0,
+            drive_options: None,
         }
     }
 }
@@ -86,6 +91,10 @@ pub struct MachineConfig {
     pub accel: Accel,
     /// Appended verbatim to QEMU's command line.
     pub extra_args: Vec<String>,
+    /// Memory slots for shared windows (client arenas) plugged at run time as `pc-dimm`s.
+    pub arena_slots: u32,
+    /// Largest shared window in MiB (sizes the machine's `maxmem`).
+    pub arena_max_mib: u32,
 }
 
 /// Largest RAM accepted: q35 keeps at most this much RAM below 4 GiB when the RAM is smaller
@@ -107,6 +116,8 @@ impl MachineConfig {
             disks: Vec::new(),
             accel: Accel::Auto,
             extra_args: Vec::new(),
+            arena_slots: 16,
+            arena_max_mib: 256,
         }
     }
 

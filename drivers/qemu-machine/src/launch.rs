@@ -119,7 +119,13 @@ pub(crate) fn qemu_args(
     for s in ["-machine", "q35", "-nodefaults", "-display", "none", "-m"] {
         push(s.into());
     }
-    push(ram.clone().into());
+    if config.arena_slots > 0 {
+        let maxmem = u64::from(config.ram_mib)
+            + u64::from(config.arena_slots) * u64::from(config.arena_max_mib.max(2));
+        push(format!("{ram},slots={},maxmem={maxmem}M", config.arena_slots).into());
+    } else {
+        push(ram.clone().into());
+    }
     push("-object".into());
     push(arg(&[
         OsStr::new("memory-backend-file,id=mem,size="),
@@ -161,12 +167,16 @@ pub(crate) fn qemu_args(
     );
     for (i, d) in config.disks.iter().enumerate() {
         push("-drive".into());
-        let mut drive = arg(&[OsStr::new("file="), &escape_opt(d.path.as_os_str())]);
-        drive.push(format!(",if=none,format={},id=d{i}", d.format.qemu_name()));
-        if d.readonly {
-            drive.push(",readonly=on");
+        if let Some(opts) = &d.drive_options {
+            push(format!("{opts},if=none,id=d{i}").into());
+        } else {
+            let mut drive = arg(&[OsStr::new("file="), &escape_opt(d.path.as_os_str())]);
+            drive.push(format!(",if=none,format={},id=d{i}", d.format.qemu_name()));
+            if d.readonly {
+                drive.push(",readonly=on");
+            }
+            push(drive);
         }
-        push(drive);
         push("-device".into());
         let mut dev = format!(
             "scsi-hd,drive=d{i},bus=scsi0.0,channel=0,scsi-id={},lun={}",
@@ -282,6 +292,7 @@ mod tests {
             readonly: true,
             target: 3,
             lun: 7,
+            drive_options: None,
         });
         config.extra_args.push("-S".into());
         let paths = LaunchPaths::in_dir(Path::new("/w,x"), "/dev/shm/r".into());
@@ -293,7 +304,7 @@ mod tests {
             .join(" ");
         assert_eq!(
             line,
-            "-machine q35 -nodefaults -display none -m 64M \
+            "-machine q35 -nodefaults -display none -m 64M,slots=16,maxmem=4160M \
              -object memory-backend-file,id=mem,size=64M,mem-path=/dev/shm/r,share=on \
              -machine memory-backend=mem -bios /w,x/halt-firmware.bin -accel tcg \
              -qtest unix:/w,,x/qtest.sock -qtest-log /dev/null \

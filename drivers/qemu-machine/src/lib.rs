@@ -31,7 +31,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use platform::{
-    DmaWindow, IrqWait, MmioWindow, PciAddress, Platform, PlatformError, Result, Width,
+    DmaWindow, IrqWait, MmioWindow, PciAddress, Platform, PlatformError, Result, SharedWindow,
+    Width,
 };
 use serde_json::Value;
 
@@ -342,6 +343,8 @@ pub struct QemuMachine {
     reader: Mutex<Option<JoinHandle<()>>>,
     irq_line: u8,
     cpu_count: usize,
+    /// Shared windows plugged as `pc-dimm`s (see `alloc_shared_window`); unmapped with `ram`.
+    arenas: Mutex<Vec<RamMapping>>,
     // Last: unmapped only after QEMU is dead (fields drop in order, after `Drop::drop`).
     ram: RamMapping,
 }
@@ -463,6 +466,7 @@ impl QemuMachine {
             reader: Mutex::new(Some(handle)),
             irq_line: intx_gsi(launch::VIRTIO_SCSI_SLOT, 0),
             cpu_count: thread::available_parallelism().map_or(1, |n| n.get()),
+            arenas: Mutex::new(Vec::new()),
             ram,
         };
         // "ioapic" is resolved by QOM partial path (it is /machine/q35/ioapic, or kvm-ioapic's
@@ -724,6 +728,74 @@ impl Platform for QemuMachine {
         self.qtest
             .command(format_args!("out{s} 0x{port:x} 0x{value:x}"))
             .map(drop)
+    }
+
+    /// Plugs a new memory backend file as a `pc-dimm` (QMP `object-add` + `device_add`): the
+    /// device reaches it at the guest-physical address QEMU assigns (in the device-memory
+    /// region above 4 GiB), this process maps the same file, and the returned fd maps exactly
+    /// it — a client given the fd sees this window and nothing else of the machine.
+    fn alloc_shared_window(&self, len: usize) -> Result<SharedWindow> {
+        const ALIGN: usize = 2 << 20;
+        let max = self.config.arena_max_mib as usize * (1 << 20);
+        let len = len.div_ceil(ALIGN).max(1) * ALIGN;
+        if len > max {
+            return Err(PlatformError::Invalid(format!(
+                "shared window of {len} bytes exceeds arena_max_mib ({max} bytes)"
+            )));
+        }
+        let mut arenas = lock(&self.arenas);
+        if arenas.len() >= self.config.arena_slots as usize {
+            return Err(PlatformError::Invalid(format!(
+                "all {} shared-window slots are in use",
+                self.config.arena_slots
+            )));
+        }
+        let index = arenas.len();
+        let mapping = RamMapping::create(len, &self.work_dir)
+            .map_err(|e| PlatformError::Invalid(format!("shared window file: {e}")))?;
+        let fd: std::os::fd::OwnedFd = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(mapping.path())
+            .map_err(|e| PlatformError::Invalid(format!("shared window fd: {e}")))?
+            .into();
+        let qmp_err = |e: MachineError| PlatformError::Protocol(format!("plugging a window: {e}"));
+        let id = format!("arena{index}");
+        self.qmp(
+            "object-add",
+            serde_json::json!({
+                "qom-type": "memory-backend-file",
+                "id": id,
+                "size": len,
+                "mem-path": mapping.path().to_string_lossy(),
+                "share": true,
+            }),
+        )
+        .map_err(qmp_err)?;
+        let dimm = format!("dimm{index}");
+        self.qmp(
+            "device_add",
+            serde_json::json!({ "driver": "pc-dimm", "id": dimm, "memdev": id }),
+        )
+        .map_err(qmp_err)?;
+        let devices = self
+            .qmp("query-memory-devices", serde_json::json!({}))
+            .map_err(qmp_err)?;
+        let addr = devices
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["data"]["id"] == dimm.as_str())
+            .and_then(|d| d["data"]["addr"].as_u64())
+            .ok_or_else(|| PlatformError::Protocol(format!("{dimm} has no address")))?;
+        let window = DmaWindow {
+            device_addr: addr,
+            cpu_ptr: mapping.ptr(),
+            len: mapping.len(),
+        };
+        log::info!("shared window {index}: {len} bytes at guest {addr:#x}");
+        arenas.push(mapping);
+        Ok(SharedWindow { window, fd })
     }
 
     fn dma_window(&self) -> DmaWindow {

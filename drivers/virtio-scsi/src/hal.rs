@@ -46,6 +46,15 @@ fn find(cpu: usize) -> Option<Arc<Window>> {
         .cloned()
 }
 
+/// Whether `len` bytes at `ptr` lie entirely inside one registered window (so the device can
+/// reach them in place).
+pub fn is_device_visible(ptr: *const u8, len: usize) -> bool {
+    let cpu = ptr as usize;
+    windows()
+        .iter()
+        .any(|w| cpu >= w.cpu_base && cpu.saturating_add(len) <= w.cpu_base + w.len)
+}
+
 /// A page-aligned, device-visible allocation that stays valid until dropped.
 pub struct DmaPages {
     window: Arc<Window>,

@@ -9,7 +9,6 @@
 //! Threads: any number of submitters (each blocks on its own command), plus one completion
 //! thread that sleeps on the device interrupt (`Platform::wait_irq`) and drains the used rings.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
@@ -24,7 +23,7 @@ use virtio_drivers::transport::{DeviceStatus, Transport};
 
 use crate::disk::Disk;
 use crate::error::DriverError;
-use crate::hal::{DmaArena, ShmHal};
+use crate::hal::{self, DmaArena, ShmHal};
 use crate::queue::{DataDir, RequestQueue, SlotGuard};
 use crate::transport::{IsrReader, PciTransport};
 use crate::wire::{self, CmdResponse, Response, ScsiConfig};
@@ -34,6 +33,8 @@ const SMALL_QUEUE_SIZE: usize = 64;
 /// How often the completion thread wakes without an interrupt (a safety net and a health check;
 /// nothing spins).
 const IDLE_WAKE: Duration = Duration::from_millis(250);
+/// Commands of one block request in flight at once.
+const MAX_CHUNKS_IN_FLIGHT: usize = 16;
 /// Attempts for a command whose error says "try again".
 const MAX_ATTEMPTS: u32 = 8;
 
@@ -129,6 +130,8 @@ pub struct ScsiHost {
     isr: IsrReader,
     completion: Mutex<Option<JoinHandle<()>>>,
     cfg: HostConfig,
+    /// Client windows registered for zero-copy I/O (see `alloc_shared_window`).
+    shared: Mutex<Vec<DmaArena>>,
     /// Last: queues and slots above point into it.
     _arena: DmaArena,
 }
@@ -235,6 +238,7 @@ impl ScsiHost {
             isr,
             completion: Mutex::new(None),
             cfg,
+            shared: Mutex::new(Vec::new()),
             _arena: arena,
         });
         let weak = Arc::downgrade(&host);
@@ -345,6 +349,22 @@ impl ScsiHost {
         }
     }
 
+    /// A new device-visible window for a client's zero-copy arena: block I/O whose buffer lies
+    /// inside it goes to the device with no copy. The window lives as long as the host.
+    pub fn alloc_shared_window(&self, len: usize) -> Result<platform::SharedWindow, DriverError> {
+        let shared = self.platform.alloc_shared_window(len)?;
+        // SAFETY: the platform keeps the window mapped for its lifetime (the `Platform`
+        // contract of `alloc_shared_window`), and the host holds the platform; the window is
+        // new, so nothing else in this process uses it as DMA memory.
+        let arena = unsafe { DmaArena::register(shared.window) }
+            .map_err(|e| DriverError::Init(e.to_string()))?;
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(arena);
+        Ok(shared)
+    }
+
     /// Counters of the request path.
     pub fn stats(&self) -> HostStats {
         let q = |f: fn(&RequestQueue) -> &AtomicU64| {
@@ -408,15 +428,30 @@ impl ScsiHost {
 
     /// Waits for a submitted slot and decodes its response, copying in-data out.
     fn finish(&self, slot: &mut SlotGuard<'_>, data: Data<'_>) -> Result<Transferred, DriverError> {
+        self.finish_inner(slot, data, true)
+    }
+
+    /// Waits for a submitted slot and checks its response; with `copy_in`, in-data is copied
+    /// from the slot buffer to `data` (without, it is already there: zero-copy).
+    fn finish_inner(
+        &self,
+        slot: &mut SlotGuard<'_>,
+        data: Data<'_>,
+        copy_in: bool,
+    ) -> Result<Transferred, DriverError> {
         let used = slot.wait(Some(self.cfg.command_timeout))? as usize;
         let (resp_area, buf) = slot.response();
-        let resp_copy = resp_area.to_vec();
-        // `used` counts response + in-data bytes; the response comes first.
-        let resp = CmdResponse::decode(&resp_copy, used)?;
+        // One copy of the response (on the stack: no allocation per command), decoded from
+        // the copy so every field is read once.
+        let mut copy = [0u8; wire::RESP_HEADER_LEN + wire::MAX_SENSE_SIZE as usize];
+        let n = resp_area.len().min(copy.len());
+        copy[..n].copy_from_slice(&resp_area[..n]);
+        // `used` counts response + data bytes; the response comes first.
+        let resp = CmdResponse::decode(&copy[..n], used)?;
         if resp.response != Response::Ok {
             return Err(DriverError::Virtio(resp.response));
         }
-        scsi::ScsiError::from_status(resp.status.into(), &resp.sense)?;
+        scsi::ScsiError::from_status(resp.status.into(), resp.sense)?;
         let expected = data.len();
         let resid = resp.resid as usize;
         if resid > expected {
@@ -425,7 +460,7 @@ impl ScsiHost {
             )));
         }
         let transferred = expected - resid;
-        if let Data::In(dst) = data {
+        if copy_in && let Data::In(dst) = data {
             dst[..transferred].copy_from_slice(&buf[..transferred]);
         }
         Ok(Transferred(transferred))
@@ -483,8 +518,9 @@ impl ScsiHost {
             .map(|_| ())
     }
 
-    /// Splits a block request into commands and keeps them all in flight at once.
-    fn block_io(&self, disk: &Disk, lba: u64, buf: BlockBuf<'_>) -> Result<(), DriverError> {
+    /// Splits a block request into commands and keeps several in flight at once. A buffer
+    /// that lies in a registered DMA window (a client's arena) is used in place: no copy.
+    fn block_io(&self, disk: &Disk, lba: u64, mut buf: BlockBuf<'_>) -> Result<(), DriverError> {
         let bs = disk.block_size as usize;
         let len = buf.len();
         if len == 0 || !len.is_multiple_of(bs) {
@@ -501,23 +537,30 @@ impl ScsiHost {
         }
         let route = self.route(disk);
         let queue = route.queue();
-        let chunk = disk.max_transfer_bytes.min(queue.data_cap()) / bs * bs;
+        let zero_copy = hal::is_device_visible(buf.ptr(), len);
+        let cap = if zero_copy {
+            disk.max_transfer_bytes
+        } else {
+            disk.max_transfer_bytes.min(queue.data_cap())
+        };
+        let chunk = cap / bs * bs;
         if chunk == 0 {
             return Err(DriverError::Invalid(
                 "block larger than a command slot".into(),
             ));
         }
         let is_write = matches!(buf, BlockBuf::Write(_));
-        // Commands in flight: (slot, byte offset, length).
-        let mut inflight: VecDeque<(SlotGuard<'_>, usize, usize)> = VecDeque::new();
+        // Commands in flight, oldest first: (slot, byte offset, length). A fixed ring, so a
+        // request allocates nothing.
+        let mut ring: [Option<(SlotGuard<'_>, usize, usize)>; MAX_CHUNKS_IN_FLIGHT] =
+            std::array::from_fn(|_| None);
+        let (mut head, mut count) = (0usize, 0usize);
         let mut result = Ok(());
-        let mut buf = buf;
         let mut offset = 0;
-        while offset < len || !inflight.is_empty() {
-            // Submit while there is work and a free slot.
-            let mut submitted = false;
-            if offset < len && result.is_ok() {
-                let slot = if inflight.is_empty() {
+        while offset < len || count > 0 {
+            // Submit while there is work, room in the ring and a free slot.
+            if offset < len && result.is_ok() && count < MAX_CHUNKS_IN_FLIGHT {
+                let slot = if count == 0 {
                     Some(queue.acquire()?)
                 } else {
                     queue.try_acquire()?
@@ -527,37 +570,50 @@ impl ScsiHost {
                     let at = lba + (offset / bs) as u64;
                     let cdb = rw_cdb(is_write, at, (n / bs) as u64)
                         .map_err(|e| DriverError::Invalid(e.to_string()))?;
-                    let (dir, out) = match &buf {
-                        BlockBuf::Read(_) => (DataDir::In, None),
-                        BlockBuf::Write(b) => (DataDir::Out, Some(&b[offset..offset + n])),
-                    };
-                    self.fill(&mut slot, &disk.lun_field, cdb.as_slice(), out);
-                    slot.submit(dir, n)?;
-                    inflight.push_back((slot, offset, n));
+                    let dir = if is_write { DataDir::Out } else { DataDir::In };
+                    if zero_copy {
+                        self.fill(&mut slot, &disk.lun_field, cdb.as_slice(), None);
+                        let piece = buf.piece_mut(offset, n);
+                        // SAFETY: `piece` is inside a registered DMA window (checked above),
+                        // and the caller's buffer outlives this call, which does not return
+                        // before every chunk's slot is waited for below (a timed-out slot is
+                        // orphaned by its guard and the window memory stays mapped for the
+                        // platform's lifetime, so a late device write cannot hit freed memory).
+                        unsafe { slot.submit_external(dir, piece)? };
+                    } else {
+                        let out = match &buf {
+                            BlockBuf::Read(_) => None,
+                            BlockBuf::Write(b) => Some(&b[offset..offset + n]),
+                        };
+                        self.fill(&mut slot, &disk.lun_field, cdb.as_slice(), out);
+                        slot.submit(dir, n)?;
+                    }
+                    ring[(head + count) % MAX_CHUNKS_IN_FLIGHT] = Some((slot, offset, n));
+                    count += 1;
                     offset += n;
-                    submitted = true;
+                    continue;
                 }
             }
-            if submitted {
-                continue;
-            }
             // Complete the oldest command.
-            let Some((mut slot, at, n)) = inflight.pop_front() else {
+            let Some((mut slot, at, n)) = ring[head].take() else {
                 break;
             };
+            head = (head + 1) % MAX_CHUNKS_IN_FLIGHT;
+            count -= 1;
             let data = match &mut buf {
                 BlockBuf::Read(b) => Data::In(&mut b[at..at + n]),
                 BlockBuf::Write(b) => Data::Out(&b[at..at + n]),
             };
-            let outcome = match self.finish(&mut slot, data) {
+            let outcome = match self.finish_inner(&mut slot, data, !zero_copy) {
                 Ok(Transferred(t)) if t == n => Ok(()),
                 Ok(Transferred(t)) => Err(DriverError::ShortTransfer {
                     expected: n,
                     transferred: t,
                 }),
-                Err(e) if e.is_retryable() => {
+                Err(e) if e.is_retryable() && n <= queue.data_cap() => {
                     drop(slot);
-                    // Redo this piece on its own, with the bounded retry policy.
+                    // Redo this piece on its own (through the slot buffer), with the bounded
+                    // retry policy.
                     let at_lba = lba + (at / bs) as u64;
                     let cdb = rw_cdb(is_write, at_lba, (n / bs) as u64)
                         .map_err(|e| DriverError::Invalid(e.to_string()))?;
@@ -737,6 +793,26 @@ impl BlockBuf<'_> {
         match self {
             BlockBuf::Read(b) => b.len(),
             BlockBuf::Write(b) => b.len(),
+        }
+    }
+
+    fn ptr(&self) -> *const u8 {
+        match self {
+            BlockBuf::Read(b) => b.as_ptr(),
+            BlockBuf::Write(b) => b.as_ptr(),
+        }
+    }
+
+    /// `n` bytes at `offset` as the device's data buffer. For a write the device only reads
+    /// it; the `&mut` is what the virtqueue API takes for any device-accessed buffer.
+    fn piece_mut(&mut self, offset: usize, n: usize) -> &mut [u8] {
+        match self {
+            BlockBuf::Read(b) => &mut b[offset..offset + n],
+            // SAFETY: the write buffer is only read by the device (DataDir::Out puts it in a
+            // device-readable descriptor); nothing writes through this pointer.
+            BlockBuf::Write(b) => unsafe {
+                std::slice::from_raw_parts_mut(b[offset..offset + n].as_ptr().cast_mut(), n)
+            },
         }
     }
 }

@@ -102,9 +102,16 @@ struct Chain {
     slot: u16,
     req_len: usize,
     resp_len: usize,
+    /// The data buffer: the slot's own, or (zero-copy) a caller's buffer inside a registered
+    /// DMA window.
+    data_ptr: *mut u8,
     data_len: usize,
     dir: DataDir,
 }
+
+// SAFETY: a Chain is a record of addresses and lengths; it is only dereferenced under the
+// rules of `RequestQueue::buffers`.
+unsafe impl Send for Chain {}
 
 /// The buffer list of one chain: device-readable (`inputs`) then device-writable (`outputs`).
 struct ChainBuffers<'a> {
@@ -308,7 +315,7 @@ impl RequestQueue {
             let req = std::slice::from_raw_parts(self.ptr(c.slot, 0).as_ptr(), c.req_len);
             let resp =
                 std::slice::from_raw_parts_mut(self.ptr(c.slot, RESP_OFFSET).as_ptr(), c.resp_len);
-            let data_ptr = self.ptr(c.slot, DATA_OFFSET).as_ptr();
+            let data_ptr = c.data_ptr;
             let mut b = ChainBuffers {
                 inputs: [req, &[]],
                 n_in: 1,
@@ -448,10 +455,39 @@ impl SlotGuard<'_> {
         } else {
             data_len.min(q.data_cap)
         };
+        let data_ptr = q.ptr(self.slot, DATA_OFFSET).as_ptr();
+        self.submit_chain(dir, data_ptr, data_len)
+    }
+
+    /// Like [`SlotGuard::submit`], but the data buffer is the caller's `data` (zero-copy): the
+    /// device reads or writes it directly.
+    ///
+    /// # Safety
+    /// `data` must lie inside a DMA window registered with [`crate::hal::DmaArena`], and must
+    /// stay valid and unaccessed by this process until [`SlotGuard::wait`] returned a result
+    /// (if the guard is dropped before, the device may still write it later: the caller must
+    /// then keep the memory alive and not reuse it until the queue returns the chain).
+    pub unsafe fn submit_external(
+        &mut self,
+        dir: DataDir,
+        data: &mut [u8],
+    ) -> Result<(), QueueError> {
+        let len = if dir == DataDir::None { 0 } else { data.len() };
+        self.submit_chain(dir, data.as_mut_ptr(), len)
+    }
+
+    fn submit_chain(
+        &mut self,
+        dir: DataDir,
+        data_ptr: *mut u8,
+        data_len: usize,
+    ) -> Result<(), QueueError> {
+        let q = self.queue;
         let chain = Chain {
             slot: self.slot,
             req_len: q.req_len,
             resp_len: q.resp_len,
+            data_ptr,
             data_len,
             dir,
         };

@@ -121,9 +121,9 @@ impl Response {
     }
 }
 
-/// A decoded command response.
+/// A decoded command response (borrowing its sense bytes from the decoded buffer).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CmdResponse {
+pub struct CmdResponse<'a> {
     /// Residual: data bytes not transferred.
     pub resid: u32,
     /// SCSI status.
@@ -131,7 +131,7 @@ pub struct CmdResponse {
     /// virtio response code.
     pub response: Response,
     /// Sense bytes (already cut to the valid length).
-    pub sense: Vec<u8>,
+    pub sense: &'a [u8],
 }
 
 /// Why a response could not be decoded.
@@ -142,10 +142,10 @@ pub enum ResponseError {
     Short(usize),
 }
 
-impl CmdResponse {
+impl<'a> CmdResponse<'a> {
     /// Decodes `bytes` (a copy of the response area; `written` is how much of it the device
     /// says it wrote).
-    pub fn decode(bytes: &[u8], written: usize) -> Result<Self, ResponseError> {
+    pub fn decode(bytes: &'a [u8], written: usize) -> Result<Self, ResponseError> {
         let written = written.min(bytes.len());
         if written < RESP_HEADER_LEN {
             return Err(ResponseError::Short(written));
@@ -162,7 +162,7 @@ impl CmdResponse {
             resid,
             status,
             response,
-            sense: bytes[RESP_HEADER_LEN..sense_end].to_vec(),
+            sense: &bytes[RESP_HEADER_LEN..sense_end],
         })
     }
 }

@@ -23,6 +23,8 @@ pub struct DiskArg {
     pub block_size: Option<u32>,
     /// Attach read-only.
     pub readonly: bool,
+    /// QEMU `-drive` options given verbatim (`--disk-qemu`) instead of an image path.
+    pub qemu_options: Option<String>,
 }
 
 /// Parses a `--disk` value. A path containing commas is written with each comma doubled
@@ -38,6 +40,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskArg, String> {
         format: Format::Raw,
         block_size: None,
         readonly: false,
+        qemu_options: None,
     };
     for opt in parts {
         match opt.split_once('=') {
@@ -82,6 +85,27 @@ fn split_unescaped(s: &str) -> Vec<String> {
     out
 }
 
+/// A `--disk-qemu` value: QEMU `-drive` options, passed verbatim (they must not set `if` or
+/// `id`, which the daemon sets).
+pub fn parse_disk_qemu(opts: &str) -> Result<DiskArg, String> {
+    if opts.trim().is_empty() {
+        return Err("--disk-qemu needs QEMU -drive options".into());
+    }
+    let mut parts = split_unescaped(opts).into_iter();
+    if parts.any(|p| p.starts_with("if=") || p.starts_with("id=")) {
+        return Err(format!(
+            "--disk-qemu {opts:?}: if= and id= are set by the daemon"
+        ));
+    }
+    Ok(DiskArg {
+        path: PathBuf::new(),
+        format: Format::Raw,
+        block_size: None,
+        readonly: opts.split(',').any(|p| p == "readonly=on"),
+        qemu_options: Some(opts.to_string()),
+    })
+}
+
 /// Where the daemon keeps its default disk: `$VSCSID_STATE_DIR`, else `/var/lib/virtio-scsid`
 /// for root, else `$XDG_STATE_HOME/virtio-scsid`, else `~/.local/state/virtio-scsid`.
 pub fn default_state_dir() -> PathBuf {
@@ -119,6 +143,7 @@ pub fn default_disk(state_dir: &Path) -> Result<DiskArg, String> {
         format: Format::Raw,
         block_size: None,
         readonly: false,
+        qemu_options: None,
     })
 }
 
@@ -134,7 +159,8 @@ mod tests {
                 path: "/a.img".into(),
                 format: Format::Raw,
                 block_size: None,
-                readonly: false
+                readonly: false,
+                qemu_options: None
             }
         );
         let d = parse_disk("/x,,y.qcow2,format=qcow2,block-size=4096,readonly").expect("full");
