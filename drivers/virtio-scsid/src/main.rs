@@ -38,6 +38,11 @@ struct Args {
     /// disk N is on target N. Without any, a sparse 1 GiB image in the state directory is used.
     #[arg(long = "disk", value_name = "SPEC", value_parser = config::parse_disk)]
     disks: Vec<DiskArg>,
+    /// A disk whose QEMU `-drive` options are given verbatim (e.g.
+    /// 'driver=null-co,size=1G,latency-ns=100000' or a blkdebug chain), after the --disk ones.
+    /// Repeatable.
+    #[arg(long = "disk-qemu", value_name = "DRIVE-OPTIONS", value_parser = config::parse_disk_qemu)]
+    disks_qemu: Vec<DiskArg>,
     /// Request queues of the virtio-scsi device.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: u16,
@@ -88,20 +93,20 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let disks = if args.disks.is_empty() {
+    let disks = if args.disks.is_empty() && args.disks_qemu.is_empty() {
         let state = args
             .state_dir
             .clone()
             .unwrap_or_else(config::default_state_dir);
         vec![config::default_disk(&state)?]
     } else {
-        args.disks.clone()
+        args.disks.iter().chain(&args.disks_qemu).cloned().collect()
     };
     if disks.len() > 255 {
         return Err("at most 255 disks".into());
     }
     for d in &disks {
-        if !d.path.exists() {
+        if d.qemu_options.is_none() && !d.path.exists() {
             return Err(format!("disk image {} does not exist", d.path.display()));
         }
     }
@@ -145,6 +150,7 @@ fn run(args: Args) -> Result<(), String> {
                 readonly: d.readonly,
                 target: i as u8,
                 lun: 0,
+                drive_options: d.qemu_options.clone(),
             })
             .collect(),
         accel: match args.accel.as_str() {
@@ -153,6 +159,8 @@ fn run(args: Args) -> Result<(), String> {
             _ => Accel::Auto,
         },
         extra_args: Vec::new(),
+        arena_slots: 16,
+        arena_max_mib: 256,
     };
     let machine = QemuMachine::launch(machine_cfg).map_err(|e| e.to_string())?;
     println!("virtio-scsid: machine up: QEMU pid {}", machine.pid());

@@ -9,6 +9,8 @@ use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
+
 use clap::{Parser, Subcommand};
 use syscall::flag::{MODE_DIR, MODE_FILE, MODE_PERM, MODE_TYPE};
 use vscsi_ipc::{Client, ClientError, OpenFlags, default_socket_path};
@@ -75,6 +77,30 @@ enum Cmd {
     },
     /// Show the driver's counters: per-queue submissions and completions, steering
     Stats,
+    /// Measure IOPS, bandwidth and latency through the scheme (writes destroy data)
+    Bench {
+        /// Disks to run against (jobs are spread round-robin over them)
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Access pattern
+        #[arg(long, value_enum, default_value = "randread")]
+        rw: bench::Rw,
+        /// Block size
+        #[arg(long, value_parser = parse_num, default_value = "4K")]
+        bs: u64,
+        /// Requests in flight per job
+        #[arg(long, default_value_t = 32)]
+        iodepth: usize,
+        /// Jobs (one connection each)
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Seconds to run
+        #[arg(long, default_value_t = 10.0)]
+        runtime: f64,
+        /// Print one JSON object (iops, mb_s, lat_p50_us, lat_p99_us, lat_p999_us, ...)
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses `123`, `0x1f`, `4K`, `1M`, `2G`, `1T` (also `KiB`, `MiB`, ...; powers of 1024).
@@ -305,6 +331,31 @@ fn stats(c: &Client) -> Result<(), Failure> {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
+    if let Cmd::Bench {
+        paths,
+        rw,
+        bs,
+        iodepth,
+        jobs,
+        runtime,
+        json,
+    } = cli.cmd
+    {
+        let socket = cli.socket.unwrap_or_else(default_socket_path);
+        let args = bench::BenchArgs {
+            paths,
+            rw,
+            bs: usize::try_from(bs).map_err(|_| fail("bench", "block size too large"))?,
+            iodepth,
+            jobs,
+            runtime: std::time::Duration::try_from_secs_f64(runtime)
+                .map_err(|e| fail("bench", e))?,
+            json,
+        };
+        let r = bench::run(&socket, &args).map_err(|e| fail("bench", e))?;
+        bench::report(&args, &r);
+        return Ok(());
+    }
     let c = connect(&cli.socket)?;
     match cli.cmd {
         Cmd::Ls => ls(&c),
@@ -317,6 +368,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Write { path, offset } => write(&c, &path, offset),
         Cmd::Sync { path } => sync(&c, &path),
         Cmd::Stats => stats(&c),
+        Cmd::Bench { .. } => Ok(()),
     }
 }
 
