@@ -49,6 +49,9 @@ pub enum DriverError {
     /// The disk is read-only.
     #[error("disk is read-only")]
     ReadOnly,
+    /// The command did not complete in time; recovery (abort, resets) ended it.
+    #[error("command timed out and was aborted ({0})")]
+    TimedOut(String),
     /// The host was shut down or its machine is gone.
     #[error("host is down: {0}")]
     Down(String),

@@ -21,10 +21,11 @@ use virtio_drivers::device::common::Feature;
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
+use crate::control::{ControlQueue, Epoch, Tmf, tmf_succeeded};
 use crate::disk::Disk;
 use crate::error::DriverError;
 use crate::hal::{self, DmaArena, ShmHal};
-use crate::queue::{DataDir, RequestQueue, SlotGuard};
+use crate::queue::{DataDir, QueueError, RequestQueue, SlotGuard};
 use crate::transport::{IsrReader, PciTransport};
 use crate::wire::{self, CmdResponse, Response, ScsiConfig};
 
@@ -45,8 +46,11 @@ pub struct HostConfig {
     pub queues: Option<usize>,
     /// Data bytes per command slot (larger requests are split).
     pub slot_bytes: usize,
-    /// How long one command may take before it is reported as timed out.
+    /// How long one command may take before recovery starts (ABORT TASK, then LOGICAL UNIT
+    /// RESET, then I_T NEXUS RESET, then a device reset).
     pub command_timeout: Duration,
+    /// How long each recovery step waits for the command to come back.
+    pub tmf_timeout: Duration,
     /// Highest target id to scan (capped by the device's `max_target`).
     pub max_scan_target: u16,
     /// How a request queue is chosen for each block request.
@@ -64,7 +68,8 @@ impl Default for HostConfig {
         HostConfig {
             queues: None,
             slot_bytes: 128 * 1024,
-            command_timeout: Duration::from_secs(60),
+            command_timeout: Duration::from_secs(30),
+            tmf_timeout: Duration::from_secs(5),
             max_scan_target: 255,
             steering: Policy::PerTarget,
             steering_lock: LockKind::Seqcount,
@@ -120,9 +125,19 @@ pub struct ScsiHost {
     tracker: Option<Tracker>,
     /// Picks the tracker found on a queue other than the target's in-flight queue.
     violations: AtomicU64,
-    /// Set up so the device is complete; task management and events use them later.
-    _control: Mutex<VirtQueue<ShmHal, SMALL_QUEUE_SIZE>>,
-    _event: Mutex<VirtQueue<ShmHal, SMALL_QUEUE_SIZE>>,
+    /// Task management. Lock order: `control` before a request queue's lock (a TMF caller
+    /// may hold it while a reset re-creates queues).
+    control: Mutex<ControlQueue>,
+    /// Bumped by the completion thread after every wake-up (TMF callers wait on it).
+    epoch: Epoch,
+    /// Set up so the device is complete; hotplug events use it later.
+    event: Mutex<VirtQueue<ShmHal, SMALL_QUEUE_SIZE>>,
+    /// Serialises device resets.
+    reset_lock: Mutex<()>,
+    /// Recovery counters: commands that timed out, TMFs sent, device resets.
+    timeouts: AtomicU64,
+    tmfs: AtomicU64,
+    resets: AtomicU64,
     disks: RwLock<Vec<Arc<Disk>>>,
     next_tag: AtomicU64,
     stop: AtomicBool,
@@ -133,7 +148,7 @@ pub struct ScsiHost {
     /// Client windows registered for zero-copy I/O (see `alloc_shared_window`).
     shared: Mutex<Vec<DmaArena>>,
     /// Last: queues and slots above point into it.
-    _arena: DmaArena,
+    arena: DmaArena,
 }
 
 impl ScsiHost {
@@ -176,11 +191,7 @@ impl ScsiHost {
         let available = usize::from(device_queues - 2).min(config.num_queues.max(1) as usize);
         let nreq = cfg.queues.unwrap_or(available).clamp(1, available);
 
-        let control = {
-            let _scope = arena.scope();
-            VirtQueue::<ShmHal, SMALL_QUEUE_SIZE>::new(&mut transport, 0, false, false)
-                .map_err(|e| DriverError::Init(format!("control queue: {e}")))?
-        };
+        let control = ControlQueue::new(&mut transport, &arena).map_err(DriverError::Init)?;
         let event = {
             let _scope = arena.scope();
             VirtQueue::<ShmHal, SMALL_QUEUE_SIZE>::new(&mut transport, 1, false, false)
@@ -229,8 +240,13 @@ impl ScsiHost {
             steering,
             tracker,
             violations: AtomicU64::new(0),
-            _control: Mutex::new(control),
-            _event: Mutex::new(event),
+            control: Mutex::new(control),
+            epoch: Epoch::default(),
+            event: Mutex::new(event),
+            reset_lock: Mutex::new(()),
+            timeouts: AtomicU64::new(0),
+            tmfs: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
             disks: RwLock::new(Vec::new()),
             next_tag: AtomicU64::new(1),
             stop: AtomicBool::new(false),
@@ -239,7 +255,7 @@ impl ScsiHost {
             completion: Mutex::new(None),
             cfg,
             shared: Mutex::new(Vec::new()),
-            _arena: arena,
+            arena,
         });
         let weak = Arc::downgrade(&host);
         let handle = std::thread::Builder::new()
@@ -382,6 +398,9 @@ impl ScsiHost {
             steering: self.steering.stats(),
             invariant_checked: self.tracker.is_some(),
             invariant_violations: self.violations.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
+            tmfs: self.tmfs.load(Ordering::Relaxed),
+            resets: self.resets.load(Ordering::Relaxed),
         }
     }
 
@@ -419,6 +438,8 @@ impl ScsiHost {
     /// Writes the request header, and the out-data if any, into a slot.
     fn fill(&self, slot: &mut SlotGuard<'_>, lun: &[u8; 8], cdb: &[u8], out: Option<&[u8]>) {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        slot.lun = *lun;
+        slot.tag = tag;
         let (header, buf) = slot.buffers_mut();
         wire::encode_request(header, lun, tag, cdb);
         if let Some(out) = out {
@@ -439,7 +460,18 @@ impl ScsiHost {
         data: Data<'_>,
         copy_in: bool,
     ) -> Result<Transferred, DriverError> {
-        let used = slot.wait(Some(self.cfg.command_timeout))? as usize;
+        let mut recovered = false;
+        let used = match slot.wait(Some(self.cfg.command_timeout)) {
+            Ok(used) => used as usize,
+            Err(QueueError::Timeout(_)) => {
+                recovered = true;
+                match self.recover(slot) {
+                    Ok(used) => used as usize,
+                    Err(e) => return Err(DriverError::TimedOut(e.to_string())),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
         let (resp_area, buf) = slot.response();
         // One copy of the response (on the stack: no allocation per command), decoded from
         // the copy so every field is read once.
@@ -448,6 +480,13 @@ impl ScsiHost {
         copy[..n].copy_from_slice(&resp_area[..n]);
         // `used` counts response + data bytes; the response comes first.
         let resp = CmdResponse::decode(&copy[..n], used)?;
+        if recovered && (resp.response != Response::Ok || resp.status != scsi::ScsiStatus::Good) {
+            // Aborted or reset by the recovery: report the timeout, do not retry it.
+            return Err(DriverError::TimedOut(format!(
+                "ended with {:?} / {:?}",
+                resp.response, resp.status
+            )));
+        }
         if resp.response != Response::Ok {
             return Err(DriverError::Virtio(resp.response));
         }
@@ -464,6 +503,94 @@ impl ScsiHost {
             dst[..transferred].copy_from_slice(&buf[..transferred]);
         }
         Ok(Transferred(transferred))
+    }
+
+    /// A command in `slot` did not complete in time. Escalates until it does: ABORT TASK,
+    /// LOGICAL UNIT RESET, I_T NEXUS RESET (each followed by a bounded wait for the command),
+    /// then a device reset, which fails it. Returns the used length if the command came back
+    /// (then its response says how it ended: data, ABORTED, RESET...). Either way the command
+    /// is answered exactly once, and only after the device is done with its buffers.
+    fn recover(&self, slot: &mut SlotGuard<'_>) -> Result<u32, DriverError> {
+        self.timeouts.fetch_add(1, Ordering::Relaxed);
+        let (lun, tag) = (slot.lun, slot.tag);
+        log::warn!(
+            "command tag {tag} to target {} timed out after {:?}; recovering",
+            lun[1],
+            self.cfg.command_timeout
+        );
+        for tmf in [Tmf::AbortTask, Tmf::LogicalUnitReset, Tmf::ITNexusReset] {
+            self.health()?;
+            self.tmfs.fetch_add(1, Ordering::Relaxed);
+            let answer = self.control.lock().unwrap_or_else(|p| p.into_inner()).tmf(
+                &self.epoch,
+                tmf,
+                &lun,
+                tag,
+                self.cfg.tmf_timeout,
+            );
+            match answer {
+                Some(r) if tmf_succeeded(r) => log::info!("{tmf:?} for tag {tag}: done"),
+                Some(r) => log::warn!("{tmf:?} for tag {tag}: device answered {r}"),
+                None => log::warn!("{tmf:?} for tag {tag}: no answer"),
+            }
+            match slot.wait(Some(self.cfg.tmf_timeout)) {
+                Ok(used) => return Ok(used),
+                Err(QueueError::Timeout(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.reset_device(&format!("command tag {tag} never came back"))?;
+        // The reset failed the command (it was in flight): collect that result.
+        match slot.wait(Some(self.cfg.tmf_timeout)) {
+            Ok(used) => Ok(used),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Resets the device and sets it up again: every command in flight fails (exactly once),
+    /// every queue gets a fresh ring, and the disks stay as they were (they report a UNIT
+    /// ATTENTION next, which is retried).
+    pub fn reset_device(&self, reason: &str) -> Result<(), DriverError> {
+        let _one = self.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        log::warn!("resetting the virtio-scsi device: {reason}");
+        let reason = format!("device reset ({reason})");
+        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.transport.lock().unwrap_or_else(|p| p.into_inner());
+        t.set_status(DeviceStatus::empty());
+        // The spec has the driver wait until the status reads back 0.
+        for _ in 0..1000 {
+            if t.get_status().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.platform.health()?;
+        let negotiated = t.begin_init(Feature::VERSION_1);
+        if !negotiated.contains(Feature::VERSION_1)
+            || !t.get_status().contains(DeviceStatus::FEATURES_OK)
+        {
+            let e = "device refused our features after reset".to_string();
+            self.mark_down(&e);
+            return Err(DriverError::Init(e));
+        }
+        let fail = |e: String| {
+            self.mark_down(&e);
+            DriverError::Init(e)
+        };
+        control.reinit(&mut t, &self.arena).map_err(fail)?;
+        {
+            let _scope = self.arena.scope();
+            let mut event = self.event.lock().unwrap_or_else(|p| p.into_inner());
+            *event = VirtQueue::new(&mut *t, 1, false, false)
+                .map_err(|e| fail(format!("event queue: {e}")))?;
+        }
+        for q in &self.queues {
+            q.reinit(&mut t, &self.arena, &reason).map_err(fail)?;
+        }
+        t.finish_init();
+        log::info!("virtio-scsi device reset and set up again");
+        Ok(())
     }
 
     /// Runs a command, retrying where the error says so (bounded, with backoff).
@@ -757,6 +884,12 @@ pub struct HostStats {
     pub invariant_checked: bool,
     /// Violations the live check found.
     pub invariant_violations: u64,
+    /// Commands that timed out.
+    pub timeouts: u64,
+    /// Task management functions sent.
+    pub tmfs: u64,
+    /// Device resets.
+    pub resets: u64,
 }
 
 impl std::fmt::Display for HostStats {
@@ -779,6 +912,9 @@ impl std::fmt::Display for HostStats {
         if self.invariant_checked {
             writeln!(f, "invariant_violations {}", self.invariant_violations)?;
         }
+        writeln!(f, "command_timeouts {}", self.timeouts)?;
+        writeln!(f, "task_management_functions {}", self.tmfs)?;
+        writeln!(f, "device_resets {}", self.resets)?;
         Ok(())
     }
 }
@@ -901,6 +1037,17 @@ fn completion_loop(host: Weak<ScsiHost>) {
         }
         for q in &h.queues {
             q.drain();
+        }
+        h.epoch.bump();
+        // A queue the device broke (an answer that made no sense) is not trusted to have
+        // stopped using its buffers: reset the device, which stops all DMA and restores the
+        // queues. Not when the host is going down.
+        if !h.stop.load(Ordering::SeqCst)
+            && h.health().is_ok()
+            && h.queues.iter().any(RequestQueue::is_broken)
+            && let Err(e) = h.reset_device("a request queue received a nonsensical answer")
+        {
+            log::error!("device reset failed: {e}");
         }
     }
 }

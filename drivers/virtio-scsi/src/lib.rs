@@ -6,6 +6,7 @@
 //! command execution and block I/O) and [`disk`] (what a logical unit is and how it is probed).
 //! The only way to the OS is the `platform::Platform` trait.
 
+pub mod control;
 pub mod disk;
 pub mod error;
 pub mod hal;

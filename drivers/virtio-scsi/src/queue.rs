@@ -165,6 +165,10 @@ pub struct SlotGuard<'q> {
     queue: &'q RequestQueue,
     slot: u16,
     submitted: bool,
+    /// The LUN field and tag of the command in this slot (for task management).
+    pub lun: [u8; 8],
+    /// See `lun`.
+    pub tag: u64,
 }
 
 impl RequestQueue {
@@ -269,6 +273,8 @@ impl RequestQueue {
                     queue: self,
                     slot,
                     submitted: false,
+                    lun: [0; 8],
+                    tag: 0,
                 });
             }
             inner = self
@@ -290,6 +296,8 @@ impl RequestQueue {
                 queue: self,
                 slot,
                 submitted: false,
+                lun: [0; 8],
+                tag: 0,
             }
         }))
     }
@@ -351,7 +359,9 @@ impl RequestQueue {
             let Some(chain) = chain else {
                 let reason = format!("device returned unknown descriptor id {token}");
                 log::error!("queue {}: {reason}", self.index);
-                self.break_locked(&mut inner, reason);
+                // Its commands stay in flight until the device reset that this triggers (the
+                // device may still be using their buffers); `reinit` then fails them.
+                self.break_locked(&mut inner, reason, false);
                 break;
             };
             let popped_len = {
@@ -400,18 +410,25 @@ impl RequestQueue {
                 inner.free.push(slot);
                 self.slot_freed.notify_one();
             }
-            _ => {
+            SlotState::InFlight => {
                 *st = SlotState::Done(result);
                 self.slots[usize::from(slot)].done.notify_all();
             }
+            // Already answered (a broken queue failed it): exactly once.
+            SlotState::Done(_) | SlotState::Owned | SlotState::Free => {}
         }
     }
 
-    /// Takes the queue out of service and fails every command in flight. Their slots stay
-    /// reserved: the device might still write into them.
-    fn break_locked(&self, inner: &mut QueueInner, reason: String) {
+    /// Takes the queue out of service; with `fail_in_flight`, also answers every command in
+    /// flight with an error (their slots stay reserved until the device returns them or is
+    /// reset: it might still write into them).
+    fn break_locked(&self, inner: &mut QueueInner, reason: String, fail_in_flight: bool) {
         if inner.broken.is_none() {
             inner.broken = Some(reason.clone());
+        }
+        if !fail_in_flight {
+            self.slot_freed.notify_all();
+            return;
         }
         for c in inner.chains.iter().flatten() {
             let mut st = self.slot_state(c.slot);
@@ -423,10 +440,45 @@ impl RequestQueue {
         self.slot_freed.notify_all();
     }
 
-    /// Takes the queue out of service (the machine died, the host shuts down).
+    /// After a device reset (the device dropped every command and forgot the ring): fails each
+    /// command in flight exactly once, frees the slots of commands nobody waits for any more,
+    /// and programs a fresh ring into the device. Commands submitted later use the new ring.
+    pub fn reinit(
+        &self,
+        transport: &mut crate::transport::PciTransport,
+        arena: &DmaArena,
+        reason: &str,
+    ) -> Result<(), String> {
+        let mut inner = self.lock();
+        let mut slots = [0u16; QUEUE_SIZE];
+        let mut n = 0;
+        for chain in inner.chains.iter_mut() {
+            if let Some(c) = chain.take() {
+                slots[n] = c.slot;
+                n += 1;
+            }
+        }
+        for &slot in &slots[..n] {
+            self.finish_locked(&mut inner, slot, Err(self.broken_error(reason)));
+        }
+        let _scope = arena.scope();
+        inner.vq = VirtQueue::<ShmHal, QUEUE_SIZE>::new(transport, self.index, false, false)
+            .map_err(|e| format!("virtqueue {}: {e}", self.index))?;
+        inner.broken = None;
+        self.slot_freed.notify_all();
+        Ok(())
+    }
+
+    /// Whether the queue was taken out of service.
+    pub fn is_broken(&self) -> bool {
+        self.lock().broken.is_some()
+    }
+
+    /// Takes the queue out of service and fails every command in flight at once (the machine
+    /// died or the host shuts down: nothing will touch their buffers any more).
     pub fn fail_all(&self, reason: &str) {
         let mut inner = self.lock();
-        self.break_locked(&mut inner, reason.to_string());
+        self.break_locked(&mut inner, reason.to_string(), true);
     }
 }
 

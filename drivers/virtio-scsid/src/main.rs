@@ -3,10 +3,21 @@
 //! Lifecycle: parse the command line → launch the machine (QEMU with the disks on a
 //! virtio-scsi-pci device) → bring up the host and find its disks → bind the scheme's socket
 //! and print `ready` → serve until SIGTERM/SIGINT (flush every disk, exit 0) or until the
-//! machine dies (report it, exit 1).
+//! machine dies (report it, exit 1). Settings come from the flags and, with `--config`, a TOML
+//! file whose keys are the long flags (module `settings`); readiness is also reported to systemd
+//! (module `notify`). On Redox the daemon is a different program around the same driver and
+//! scheme: module `redox` (the host-only code here is compiled out there).
+#![cfg_attr(target_os = "redox", allow(unused_imports, dead_code))]
 
+#[cfg(not(target_os = "redox"))]
 mod config;
 mod device;
+#[cfg(not(target_os = "redox"))]
+mod notify;
+#[cfg(target_os = "redox")]
+mod redox;
+#[cfg(not(target_os = "redox"))]
+mod settings;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,19 +25,24 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use block_scheme::DiskScheme;
+use block_scheme::{AccessPolicy, DiskScheme};
 use clap::Parser;
+#[cfg(not(target_os = "redox"))]
 use crossbeam_channel::{RecvTimeoutError, select};
+#[cfg(not(target_os = "redox"))]
 use qemu_machine::{Accel, DiskFormat, DiskSpec, MachineConfig, QemuMachine};
 use virtio_scsi::{HostConfig, LockKind, Policy, ScsiHost};
+#[cfg(not(target_os = "redox"))]
 use vscsi_ipc::{Server, ServerConfig};
 
+#[cfg(not(target_os = "redox"))]
 use crate::config::{DiskArg, Format};
 use crate::device::HostDevices;
 
 /// The scheme this daemon serves.
 const SCHEME: &str = "disk.virtio-scsi";
 
+#[cfg(not(target_os = "redox"))]
 #[derive(Parser, Debug)]
 #[command(
     name = "virtio-scsid",
@@ -76,13 +92,55 @@ struct Args {
     /// (a mutex per request; violations show in `vscsi stats`).
     #[arg(long)]
     check_steering: bool,
+    /// Milliseconds a command may take before recovery starts (ABORT TASK, LOGICAL UNIT RESET,
+    /// I_T NEXUS RESET, then a device reset).
+    #[arg(long, default_value_t = 30_000)]
+    command_timeout_ms: u64,
+    /// Milliseconds each recovery step waits for the command.
+    #[arg(long, default_value_t = 5_000)]
+    tmf_timeout_ms: u64,
+    /// A TOML file of settings: each key is one of these long flags (`queues = 4`,
+    /// `disk = ["a.img", "b.img,readonly"]`, `check-steering = true`); flags given here
+    /// override it (a repeatable flag given here replaces the file's list).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Permissions of the socket file (octal), which decide who can connect at all.
+    #[arg(long, value_name = "OCTAL", default_value = "0660", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Also let callers with this user id open disks (uid 0 and the daemon's own user always
+    /// may; the peer's credentials come from the socket). Repeatable.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
+    /// Also let callers whose primary group id is this open disks. Repeatable.
+    #[arg(long = "allow-gid", value_name = "GID")]
+    allow_gids: Vec<u32>,
+    /// Let every caller who can connect to the socket open disks (the socket's permissions
+    /// are then the only check).
+    #[arg(long)]
+    allow_any_user: bool,
 }
 
+/// Parses an octal file mode (`0660`, `660` or `0o660`), at most `0o777`.
+#[cfg(not(target_os = "redox"))]
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{s:?} is not an octal mode like 0660")),
+    }
+}
+
+#[cfg(target_os = "redox")]
+fn main() -> ExitCode {
+    redox::main()
+}
+
+#[cfg(not(target_os = "redox"))]
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
-    let args = Args::parse();
+    let args = settings::parse_args::<Args>();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -92,6 +150,7 @@ fn main() -> ExitCode {
     }
 }
 
+#[cfg(not(target_os = "redox"))]
 fn run(args: Args) -> Result<(), String> {
     let disks = if args.disks.is_empty() && args.disks_qemu.is_empty() {
         let state = args
@@ -173,6 +232,8 @@ fn run(args: Args) -> Result<(), String> {
             steering: args.steering,
             steering_lock: args.steering_lock,
             check_steering: args.check_steering,
+            command_timeout: Duration::from_millis(args.command_timeout_ms.max(1)),
+            tmf_timeout: Duration::from_millis(args.tmf_timeout_ms.max(1)),
             ..HostConfig::default()
         },
     )
@@ -192,12 +253,15 @@ fn run(args: Args) -> Result<(), String> {
         .map(|(i, _)| i as u8)
         .collect();
     let devices = Arc::new(HostDevices::new(host.clone(), readonly_targets));
-    let scheme = Arc::new(DiskScheme::new(SCHEME, devices.clone()));
+    let access = access_policy(&args);
+    log::info!("disks may be opened by: {access} (socket mode {:o})", args.socket_mode);
+    let scheme = Arc::new(DiskScheme::with_access(SCHEME, devices.clone(), access));
     let server = Server::bind(
         ServerConfig {
             socket_path: socket.clone(),
             workers: args.workers.max(1),
             pin_workers: true,
+            socket_mode: args.socket_mode,
             ..ServerConfig::default()
         },
         scheme,
@@ -223,6 +287,10 @@ fn run(args: Args) -> Result<(), String> {
         socket.display()
     );
     let _ = std::io::stdout().flush();
+    let status = format!("STATUS=serving {} disk(s) on {}", found.len(), socket.display());
+    if let Err(e) = notify::notify(&format!("READY=1\n{status}")) {
+        log::warn!("systemd readiness notification failed: {e}");
+    }
 
     // Serve until a signal, the server stopping, or the machine dying.
     let outcome = loop {
@@ -244,6 +312,7 @@ fn run(args: Args) -> Result<(), String> {
     };
 
     // Orderly shutdown: stop taking requests, drain, flush every disk, stop the machine.
+    let _ = notify::notify("STOPPING=1");
     shutdown.shutdown();
     match done_rx.recv_timeout(Duration::from_secs(30)) {
         Ok(_) | Err(RecvTimeoutError::Disconnected) => {}
@@ -272,8 +341,26 @@ fn run(args: Args) -> Result<(), String> {
     }
 }
 
+/// Who may open disks on the host: uid 0, the daemon's own user, and what the flags add.
+#[cfg(not(target_os = "redox"))]
+fn access_policy(args: &Args) -> AccessPolicy {
+    if args.allow_any_user {
+        return AccessPolicy::any_caller();
+    }
+    let own = rustix::process::geteuid().as_raw();
+    let mut policy = AccessPolicy::root_only().allow_uid(own);
+    for &uid in &args.allow_uids {
+        policy = policy.allow_uid(uid);
+    }
+    for &gid in &args.allow_gids {
+        policy = policy.allow_gid(gid);
+    }
+    policy
+}
+
 /// Guest RAM: room for the rings and the command slots of every queue (42 slots of 132 KiB
 /// each per queue) plus slack.
+#[cfg(not(target_os = "redox"))]
 fn ram_for(queues: u16) -> u32 {
     64 + 8 * u32::from(queues)
 }
