@@ -32,7 +32,16 @@ for round in $(seq 1 "$rounds"); do
         target/release/virtio-scsid "${disks[@]}" --queues 4 --steering "$1" --steering-lock "$2" \
             --socket "$dir/sock" --state-dir "$dir/state" > "$dir/daemon.log" 2>&1 &
         pid=$!
-        for _ in $(seq 1 300); do grep -q '^virtio-scsid: ready' "$dir/daemon.log" && break; sleep 0.1; done
+        for _ in $(seq 1 600); do
+            grep -q '^virtio-scsid: ready' "$dir/daemon.log" && break
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if ! grep -q '^virtio-scsid: ready' "$dir/daemon.log"; then
+            echo "the daemon did not start ($1/$2):" >&2
+            cat "$dir/daemon.log" >&2
+            exit 1
+        fi
         json=$(target/release/vscsi --socket "$dir/sock" bench "${paths[@]}" --rw randread --bs 4K \
             --jobs 4 --iodepth 8 --runtime "$secs" --json)
         kill -TERM "$pid"; wait "$pid" || true; pid=

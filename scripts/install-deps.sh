@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Installs what virtio-scsid needs at run time and in tests, if it is missing:
-# qemu-system-x86 (the machine whose virtio-scsi device the daemon drives).
+# qemu-system-x86 (the machine whose virtio-scsi device the daemon drives), qemu-utils, and the
+# NBD clients the gateway tests use: libnbd-bin (nbdinfo, nbdcopy) and fio (nbd ioengine), and
+# the partitioning tools gdisk and fdisk (partition and RedoxFS tests).
 # Debian/Ubuntu: apt-get, as root (or through sudo when not root).
 set -euo pipefail
 
 missing=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
 command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
+command -v nbdinfo >/dev/null 2>&1 || missing+=(libnbd-bin)
+command -v fio >/dev/null 2>&1 || missing+=(fio)
+# Partitioning tools the partition and RedoxFS tests run (in /usr/sbin, not always on PATH):
+# gdisk (sgdisk: GPT) and fdisk (fdisk, sfdisk: GPT on 4096-byte sectors, MBR).
+PATH="$PATH:/usr/sbin:/sbin" command -v sgdisk >/dev/null 2>&1 || missing+=(gdisk)
+PATH="$PATH:/usr/sbin:/sbin" command -v sfdisk >/dev/null 2>&1 || missing+=(fdisk)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "installing: ${missing[*]}" >&2

@@ -114,6 +114,7 @@ impl TestDisk {
 pub struct Daemon {
     child: Option<Child>,
     qemu_pid: Option<i32>,
+    qmp: Option<PathBuf>,
     /// The socket it serves on.
     pub socket: PathBuf,
     /// Everything it printed (stdout and stderr).
@@ -202,6 +203,7 @@ impl DaemonBuilder {
         let mut daemon = Daemon {
             child: Some(child),
             qemu_pid: None,
+            qmp: None,
             socket: self.socket,
             output,
         };
@@ -210,6 +212,10 @@ impl DaemonBuilder {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    if let Some(qmp) = line.split("(QMP ").nth(1).and_then(|r| r.strip_suffix(')'))
+                    {
+                        daemon.qmp = Some(PathBuf::from(qmp));
+                    }
                     if let Some(pid) = line
                         .split("QEMU pid ")
                         .nth(1)
@@ -243,6 +249,55 @@ impl Daemon {
     /// QEMU's pid, as the daemon reported it.
     pub fn qemu_pid(&self) -> Option<i32> {
         self.qemu_pid
+    }
+
+    /// Runs one QMP command on the daemon's QEMU (a fresh connection each time) and returns
+    /// its `return` value, or the error's description as `Err`.
+    pub fn qmp(
+        &self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        use std::io::Write;
+        let path = self
+            .qmp
+            .as_ref()
+            .ok_or("the daemon did not report its QMP socket")?;
+        let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut lines = BufReader::new(stream).lines();
+        let mut next = || -> Result<serde_json::Value, String> {
+            loop {
+                let line = lines
+                    .next()
+                    .ok_or("QMP closed")?
+                    .map_err(|e| e.to_string())?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).map_err(|e| e.to_string())?;
+                if v.get("event").is_none() {
+                    return Ok(v);
+                }
+            }
+        };
+        next()?; // greeting
+        for (cmd, args) in [
+            ("qmp_capabilities", serde_json::json!({})),
+            (command, arguments),
+        ] {
+            let req = serde_json::json!({ "execute": cmd, "arguments": args });
+            writeln!(writer, "{req}").map_err(|e| e.to_string())?;
+            let reply = next()?;
+            if let Some(err) = reply.get("error") {
+                return Err(err.to_string());
+            }
+            if cmd == command {
+                return Ok(reply.get("return").cloned().unwrap_or_default());
+            }
+        }
+        Err("unreachable".into())
     }
 
     /// A client connected to this daemon.
@@ -362,4 +417,34 @@ impl Rng {
         self.fill(&mut v);
         v
     }
+}
+
+/// Runs a partitioning tool (`sgdisk`, `sfdisk`; `scripts/install-deps.sh`, which the test
+/// command runs first, installs them) with `args` and `stdin`, and returns its stdout. Panics
+/// with the tool's output if it is missing or fails: tests that need it never skip.
+pub fn run_tool(program: &str, args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    // The tools live in /usr/sbin, which a non-root PATH may lack.
+    let path = std::env::var("PATH").unwrap_or_default();
+    let mut child = Command::new(program)
+        .args(args)
+        .env("PATH", format!("{path}:/usr/sbin:/sbin"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} ({e}): run scripts/install-deps.sh (gdisk, fdisk)")
+        });
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).expect("tool stdin");
+    }
+    let out = child.wait_with_output().expect("tool output");
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -27,10 +27,11 @@ fn stats_map(text: &str) -> HashMap<String, u64> {
             if let Ok(v) = words[1].parse() {
                 m.insert(words[0].to_string(), v);
             }
-        } else if words.first() == Some(&"target") && words.len() == 4 {
-            if let Ok(v) = words[3].parse() {
-                m.insert(format!("target{}.changes", words[1]), v);
-            }
+        } else if words.first() == Some(&"target")
+            && words.len() == 4
+            && let Ok(v) = words[3].parse()
+        {
+            m.insert(format!("target{}.changes", words[1]), v);
         }
     }
     m

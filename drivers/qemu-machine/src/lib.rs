@@ -344,7 +344,7 @@ pub struct QemuMachine {
     irq_line: u8,
     cpu_count: usize,
     /// Shared windows plugged as `pc-dimm`s (see `alloc_shared_window`); unmapped with `ram`.
-    arenas: Mutex<Vec<RamMapping>>,
+    arenas: Mutex<Vec<shm::SealedMemfd>>,
     // Last: unmapped only after QEMU is dead (fields drop in order, after `Drop::drop`).
     ram: RamMapping,
 }
@@ -751,14 +751,17 @@ impl Platform for QemuMachine {
             )));
         }
         let index = arenas.len();
-        let mapping = RamMapping::create(len, &self.work_dir)
-            .map_err(|e| PlatformError::Invalid(format!("shared window file: {e}")))?;
-        let fd: std::os::fd::OwnedFd = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(mapping.path())
-            .map_err(|e| PlatformError::Invalid(format!("shared window fd: {e}")))?
-            .into();
+        let mapping = shm::SealedMemfd::create(&format!("vscsi-window-{index}"), len)
+            .map_err(|e| PlatformError::Invalid(format!("shared window memfd: {e}")))?;
+        let fd = mapping
+            .fd()
+            .try_clone()
+            .map_err(|e| PlatformError::Invalid(format!("shared window fd: {e}")))?;
+        let mem_path = format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            std::os::fd::AsRawFd::as_raw_fd(mapping.fd())
+        );
         let qmp_err = |e: MachineError| PlatformError::Protocol(format!("plugging a window: {e}"));
         let id = format!("arena{index}");
         self.qmp(
@@ -767,7 +770,7 @@ impl Platform for QemuMachine {
                 "qom-type": "memory-backend-file",
                 "id": id,
                 "size": len,
-                "mem-path": mapping.path().to_string_lossy(),
+                "mem-path": mem_path,
                 "share": true,
             }),
         )

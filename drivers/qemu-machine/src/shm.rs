@@ -164,6 +164,82 @@ fn map_file(file: &File, len: usize) -> io::Result<NonNull<u8>> {
     NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))
 }
 
+/// A sealed memfd mapped shared into this process: the memory of one shared window.
+///
+/// Sealed against shrinking and growing (and against changing the seals), so a client handed
+/// the fd cannot truncate it — which would turn every access of this process's mapping (and
+/// QEMU's) into SIGBUS.
+#[derive(Debug)]
+pub(crate) struct SealedMemfd {
+    fd: std::os::fd::OwnedFd,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: as for `RamMapping`: plain shared memory handed out only as an address.
+unsafe impl Send for SealedMemfd {}
+// SAFETY: as above.
+unsafe impl Sync for SealedMemfd {}
+
+impl SealedMemfd {
+    /// Creates, sizes, seals and maps a memfd of `len` bytes.
+    pub(crate) fn create(name: &str, len: usize) -> io::Result<SealedMemfd> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let cname = std::ffi::CString::new(name).map_err(io::Error::other)?;
+        // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd (if any) is
+        // new and owned by us from here.
+        let raw = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let file = File::from(fd);
+        file.set_len(len as u64)?;
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl(F_ADD_SEALS) on a memfd we own.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = map_file(&file, len)?;
+        Ok(SealedMemfd {
+            fd: file.into(),
+            ptr,
+            len,
+        })
+    }
+
+    /// The memfd (QEMU opens it as `/proc/<pid>/fd/<n>`).
+    pub(crate) fn fd(&self) -> &std::os::fd::OwnedFd {
+        &self.fd
+    }
+
+    /// Start of this process's mapping.
+    pub(crate) fn ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for SealedMemfd {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are what `mmap` returned; unmapped only here, after QEMU (the
+        // only other user besides clients, whose own mappings are theirs) is dead.
+        if unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) } != 0 {
+            log::warn!(
+                "munmap of a shared window failed: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// True when `dir` is a writable directory whose filesystem has `len` bytes free. On tmpfs the
 /// file is sparse, and touching a page beyond the filesystem's capacity would be a SIGBUS, so a
 /// too-small `/dev/shm` (64 MiB in many containers) is skipped.

@@ -219,7 +219,10 @@ impl Steering {
     /// # Panics
     /// If `nqueues` is 0.
     pub fn new(policy: Policy, lock: LockKind, nqueues: usize, ntargets: usize) -> Steering {
-        assert!(nqueues >= 1, "a virtio-scsi device has at least one request queue");
+        assert!(
+            nqueues >= 1,
+            "a virtio-scsi device has at least one request queue"
+        );
         let ntargets = ntargets.min(MAX_TARGETS);
         // One more slot than targets for the overflow, unless every u8 is a target already.
         let nslots = (ntargets + 1).min(MAX_TARGETS);

@@ -50,7 +50,8 @@ use crate::sync::{AtomicUsize, Backoff, StatCounter, fence};
 ///     `fence(Acquire)`, synchronizes with this fence, so its re-check of `seq` sees at least
 ///     `s + 1` and it retries instead of returning a value read mid-update. Without the fence
 ///     the `req_vq` store could become visible before `seq` turned odd.
-///   - (the re-check) it orders the odd `seq` before the re-check RMW on `reqs` below.
+///   - (the re-check) it orders the odd `seq` before the re-check RMW on `reqs` below. This
+///     is the job the algorithm cannot do without (see "Reader" for the first one).
 /// * Writer, re-check: `reqs.fetch_add(0, Relaxed)`, an RMW, not a load. An RMW reads the
 ///   *latest* value in `reqs`'s modification order, which splits every reader R of the epoch
 ///   into two cases:
@@ -76,6 +77,15 @@ use crate::sync::{AtomicUsize, Backoff, StatCounter, fence};
 ///   pairs with the writer's last bump; the fence makes the re-check see any bump that came
 ///   before a `req_vq` store which the relaxed load observed (see the first bump). The loads
 ///   themselves can be relaxed-after-fence because all ordering comes from the fence.
+///
+///   Of all the orderings here, only this fence and re-check are not load-bearing *given the
+///   RMW re-check of the writer*: by the case split above, a reader that reads the pre-bump
+///   `seq` is one the writer keeps the old queue for, so it cannot observe a replaced
+///   `req_vq` at all. (The loom model passes with the fence deleted, and fails with any other
+///   ordering above weakened to `Relaxed` or the writer's fence deleted.) It stays: it is the
+///   standard seqcount read, it keeps readers correct on their own should the writer side
+///   change, and on x86 it costs one more load of a line already in cache (an acquire fence
+///   emits no instruction there).
 /// * `req_vq` is an atomic even though the seqcount already tells a reader whether its value is
 ///   consistent: in Rust a racy non-atomic read is undefined behaviour even if its result is
 ///   discarded, and a relaxed word-sized load costs the same as a plain one.
@@ -119,7 +129,7 @@ pub(crate) trait Flavor {
     const RECHECK_IS_RMW: bool = true;
 }
 
-/// DESIGN.md §3 as written.
+/// DESIGN.md §3 as written (its "if reqs > 1" done as an RMW, see "Writer, re-check").
 pub(crate) struct Faithful;
 impl Flavor for Faithful {}
 
@@ -188,8 +198,8 @@ impl SeqTarget {
         };
         let old = self.req_vq.load(Relaxed);
         let q = if F::KEEP_ON_RECHECK && reqs > 1 {
-            // A reader slipped in between our increment and our odd bump and may already use
-            // `old`: keep it.
+            // A reader slipped in between our increment and our re-check and may already use
+            // `old` (it may have read it before `seq` turned odd): keep it.
             self.kept.fetch_add(1, Relaxed);
             old
         } else {

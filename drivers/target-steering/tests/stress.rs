@@ -3,8 +3,9 @@
 #![cfg(not(loom))]
 
 use std::collections::VecDeque;
-use std::sync::mpsc;
+use std::sync::{Barrier, mpsc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use target_steering::{LockKind, Policy, Steering, Tracked, Tracker};
 
@@ -29,21 +30,33 @@ const NQUEUES: usize = 4;
 
 fn rounds() -> u64 {
     // Debug builds are slow; keep the test within seconds either way.
-    if cfg!(debug_assertions) { 20_000 } else { 200_000 }
+    if cfg!(debug_assertions) {
+        20_000
+    } else {
+        200_000
+    }
 }
+
+/// How long each hammer runs (at least `rounds()` steps per thread).
+const HAMMER_TIME: Duration = Duration::from_millis(400);
 
 /// Each thread keeps up to 4 requests of random targets in flight, completing the oldest or
 /// picking a new one at random, and checks every pick with the tracker and `check_invariant`.
 fn hammer(lock: LockKind) {
     let steering = Steering::new(Policy::PerTarget, lock, NQUEUES, usize::from(NTARGETS));
     let tracker = Tracker::new();
+    let barrier = Barrier::new(THREADS);
     thread::scope(|s| {
         for cpu in 0..THREADS {
-            let (steering, tracker) = (&steering, &tracker);
+            let (steering, tracker, barrier) = (&steering, &tracker, &barrier);
             s.spawn(move || {
                 let mut rng = Rng::new(cpu as u64 + 1);
                 let mut in_flight: VecDeque<Tracked<'_>> = VecDeque::new();
-                for _ in 0..rounds() {
+                barrier.wait();
+                let start = Instant::now();
+                let mut step = 0u64;
+                while step < rounds() || start.elapsed() < HAMMER_TIME {
+                    step += 1;
                     if in_flight.len() == 4 || (!in_flight.is_empty() && rng.below(2) == 0) {
                         in_flight.pop_front();
                     } else {
@@ -64,7 +77,10 @@ fn hammer(lock: LockKind) {
     let picks: u64 = stats.picks_per_queue.iter().sum();
     assert!(picks > 0);
     // Threads run on different CPUs, so idle targets do move between queues.
-    assert!(stats.changes_per_target.iter().sum::<u64>() > 0, "{stats:?}");
+    assert!(
+        stats.changes_per_target.iter().sum::<u64>() > 0,
+        "{stats:?}"
+    );
     eprintln!("{lock}: {stats:?}");
 }
 
@@ -81,6 +97,35 @@ fn hammer_spinlock() {
 #[test]
 fn hammer_mutex() {
     hammer(LockKind::Mutex);
+}
+
+/// Two threads on one target, one request each at a time: every pick races to be the 0 → 1
+/// writer against the other thread joining, the window where "keep the previous queue" and
+/// reader retries happen.
+#[test]
+fn writer_reader_race_on_one_target() {
+    let steering = Steering::new(Policy::PerTarget, LockKind::Seqcount, NQUEUES, 1);
+    let tracker = Tracker::new();
+    let barrier = Barrier::new(2);
+    thread::scope(|s| {
+        for cpu in [1, 2] {
+            let (steering, tracker, barrier) = (&steering, &tracker, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                let start = Instant::now();
+                let mut step = 0u64;
+                while step < rounds() || start.elapsed() < HAMMER_TIME {
+                    step += 1;
+                    let t = tracker.pick(steering, 0, cpu);
+                    steering.check_invariant(t.picked()).unwrap();
+                }
+            });
+        }
+    });
+    let stats = steering.stats();
+    // Only the two CPUs' queues are ever used.
+    assert_eq!(stats.picks_per_queue[0] + stats.picks_per_queue[3], 0);
+    eprintln!("race: {stats:?}");
 }
 
 /// The driver's shape: submitters pick, a separate completion thread drops the guards (in an
@@ -193,17 +238,19 @@ fn pick_counting_can_be_turned_off() {
 
 #[test]
 fn names_round_trip() {
-    for (name, policy) in ["per-target", "per-cpu", "single"]
-        .into_iter()
-        .zip([Policy::PerTarget, Policy::PerCpu, Policy::Single])
-    {
+    for (name, policy) in ["per-target", "per-cpu", "single"].into_iter().zip([
+        Policy::PerTarget,
+        Policy::PerCpu,
+        Policy::Single,
+    ]) {
         assert_eq!(name.parse::<Policy>().unwrap(), policy);
         assert_eq!(policy.to_string(), name);
     }
-    for (name, lock) in ["seqcount", "spinlock", "mutex"]
-        .into_iter()
-        .zip([LockKind::Seqcount, LockKind::Spinlock, LockKind::Mutex])
-    {
+    for (name, lock) in ["seqcount", "spinlock", "mutex"].into_iter().zip([
+        LockKind::Seqcount,
+        LockKind::Spinlock,
+        LockKind::Mutex,
+    ]) {
         assert_eq!(name.parse::<LockKind>().unwrap(), lock);
         assert_eq!(lock.to_string(), name);
     }
@@ -220,7 +267,10 @@ fn tracker_reports_a_split_target() {
     tracker.begin(7, 1);
     tracker.begin(7, 1);
     let err = tracker.try_begin(7, 2).unwrap_err();
-    assert_eq!((err.target, err.in_flight_queue, err.picked_queue), (7, 1, 2));
+    assert_eq!(
+        (err.target, err.in_flight_queue, err.picked_queue),
+        (7, 1, 2)
+    );
     assert_eq!(err.in_flight, 2);
     tracker.begin(8, 2); // another target is independent
     tracker.end(7);

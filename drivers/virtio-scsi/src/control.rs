@@ -79,6 +79,9 @@ impl Epoch {
 /// The control virtqueue and its TMF buffers.
 pub struct ControlQueue {
     vq: VirtQueue<ShmHal, CONTROL_QUEUE_SIZE>,
+    used_ids: crate::queue::UsedIds,
+    /// The device returned a chain we never gave it: only a reset brings the queue back.
+    broken: bool,
     mem: DmaPages,
     notifier: Notifier,
     /// Buffer index of each chain in flight, by token.
@@ -99,8 +102,11 @@ impl ControlQueue {
         let notifier = transport
             .notifier(0)
             .ok_or("control queue: no notify address")?;
+        let used_ids = crate::queue::UsedIds::new(transport, arena, 0, CONTROL_QUEUE_SIZE)?;
         Ok(ControlQueue {
             vq,
+            used_ids,
+            broken: false,
             mem,
             notifier,
             pending: [None; CONTROL_QUEUE_SIZE],
@@ -113,8 +119,15 @@ impl ControlQueue {
         let _scope = arena.scope();
         self.vq = VirtQueue::new(transport, 0, false, false)
             .map_err(|e| format!("control queue: {e}"))?;
+        self.used_ids = crate::queue::UsedIds::new(transport, arena, 0, CONTROL_QUEUE_SIZE)?;
+        self.broken = false;
         self.pending = [None; CONTROL_QUEUE_SIZE];
         Ok(())
+    }
+
+    /// Whether the device broke the queue (a reset restores it).
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Buffer `i`: (request, response).
@@ -138,8 +151,17 @@ impl ControlQueue {
     fn reap(&mut self, want: usize) -> Option<u8> {
         let mut got = None;
         while let Some(token) = self.vq.peek_used() {
-            let Some(Some(i)) = self.pending.get(usize::from(token)).copied() else {
-                log::error!("control queue: device returned unknown descriptor {token}");
+            let Some(Some(i)) = self
+                .used_ids
+                .matches(token)
+                .then(|| self.pending.get(usize::from(token)).copied())
+                .flatten()
+            else {
+                log::error!(
+                    "control queue: device returned unknown descriptor {:#x}",
+                    self.used_ids.next_id()
+                );
+                self.broken = true;
                 return got;
             };
             // SAFETY: exclusive access (`&mut self`); these slices end with this iteration.
@@ -147,6 +169,7 @@ impl ControlQueue {
             // SAFETY: the chain with this token was added with exactly these two buffers.
             let popped = unsafe { self.vq.pop_used(token, &[req], &mut [&mut resp[..]]) };
             self.pending[usize::from(token)] = None;
+            self.used_ids.advance();
             if popped.is_ok() && i == want {
                 got = Some(resp[0]);
             }
@@ -164,6 +187,9 @@ impl ControlQueue {
         tag: u64,
         timeout: Duration,
     ) -> Option<u8> {
+        if self.broken {
+            return None;
+        }
         let i = self.next;
         self.next = (self.next + 1) % BUFFERS;
         // SAFETY: exclusive access (`&mut self`); buffer `i`'s previous chain, if any, was

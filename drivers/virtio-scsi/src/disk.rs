@@ -38,6 +38,8 @@ pub struct Disk {
     pub max_transfer_bytes: usize,
     /// Block Limits page (VPD 0xB0), if the device has it.
     pub block_limits: Option<scsi::BlockLimits>,
+    /// How the disk can discard blocks (VPD 0xB2 with the Block Limits page).
+    pub discard: Discard,
     /// Medium rotation rate (VPD 0xB1): 1 = non-rotating.
     pub rotation_rate: Option<scsi::inquiry::RotationRate>,
 }
@@ -117,6 +119,8 @@ impl Disk {
                 .and_then(|d| d.wwn())
         });
         let block_limits = vpd(0xB0).and_then(|b| scsi::inquiry::parse_vpd_block_limits(&b).ok());
+        let provisioning =
+            vpd(0xB2).and_then(|b| scsi::inquiry::parse_vpd_logical_block_provisioning(&b).ok());
         let rotation_rate = vpd(0xB1)
             .and_then(|b| scsi::inquiry::parse_vpd_block_device_characteristics(&b).ok())
             .and_then(|c| c.rotation_rate);
@@ -144,9 +148,56 @@ impl Disk {
             serial,
             wwn,
             max_transfer_bytes,
+            discard: Discard::from_vpd(provisioning.as_ref(), block_limits.as_ref()),
             block_limits,
             rotation_rate,
         }))
+    }
+}
+
+/// The discard command a disk takes, from its Logical Block Provisioning page: UNMAP when
+/// LBPU is set (and Block Limits allows at least one descriptor), else WRITE SAME(16) with the
+/// UNMAP bit when LBPWS is set, else none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Discard {
+    /// The disk cannot discard.
+    None,
+    /// UNMAP, with at most this many blocks per command.
+    Unmap {
+        /// Largest LBA count of one UNMAP (from Block Limits; u32::MAX when unlimited).
+        max_blocks: u32,
+    },
+    /// WRITE SAME(16) with UNMAP, at most this many blocks per command.
+    WriteSame {
+        /// Largest count of one WRITE SAME (from Block Limits, capped to u32).
+        max_blocks: u32,
+    },
+}
+
+impl Discard {
+    fn from_vpd(
+        lbp: Option<&scsi::inquiry::LogicalBlockProvisioning>,
+        limits: Option<&scsi::BlockLimits>,
+    ) -> Discard {
+        let Some(lbp) = lbp else {
+            return Discard::None;
+        };
+        let cap = |v: Option<u64>| match v {
+            Some(0) | None => u32::MAX,
+            Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
+        };
+        let unmap_descriptors = limits.and_then(|l| l.max_unmap_block_descriptor_count);
+        if lbp.lbpu && unmap_descriptors != Some(0) {
+            return Discard::Unmap {
+                max_blocks: cap(limits.and_then(|l| l.max_unmap_lba_count).map(u64::from)),
+            };
+        }
+        if lbp.lbpws {
+            return Discard::WriteSame {
+                max_blocks: cap(limits.and_then(|l| l.max_write_same_length)),
+            };
+        }
+        Discard::None
     }
 }
 

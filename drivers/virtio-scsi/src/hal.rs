@@ -140,6 +140,18 @@ impl DmaArena {
         alloc_in(&self.window, bytes)
     }
 
+    /// The CPU address of device address `dev` when `len` bytes from it lie in this window.
+    /// (Device addresses are per machine: two machines in one process may both use the same
+    /// device address, so the translation is always asked of the right window.)
+    pub fn cpu_ptr_of(&self, dev: u64, len: usize) -> Option<NonNull<u8>> {
+        let w = &self.window;
+        let off = usize::try_from(dev.checked_sub(w.dev_base)?).ok()?;
+        (off.checked_add(len)? <= w.len).then(|| {
+            // SAFETY: `cpu_base + off` is inside the window's mapping, which is not null.
+            unsafe { NonNull::new_unchecked((w.cpu_base + off) as *mut u8) }
+        })
+    }
+
     /// Makes this arena the one `virtio_drivers` allocates from on this thread until the
     /// returned scope is dropped.
     pub fn scope(&self) -> WindowScope {

@@ -17,20 +17,18 @@ use std::time::Duration;
 use platform::{IrqWait, Platform};
 use scsi_commands as scsi;
 use target_steering::{LockKind, Picked, Policy, Steering, SteeringStats, Tracker};
-use virtio_drivers::device::common::Feature;
-use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
 use crate::control::{ControlQueue, Epoch, Tmf, tmf_succeeded};
 use crate::disk::Disk;
 use crate::error::DriverError;
-use crate::hal::{self, DmaArena, ShmHal};
+use crate::events::{Event, EventQueue};
+use crate::hal::{self, DmaArena};
 use crate::queue::{DataDir, QueueError, RequestQueue, SlotGuard};
 use crate::transport::{IsrReader, PciTransport};
 use crate::wire::{self, CmdResponse, Response, ScsiConfig};
+use crate::wire::{Features, WANTED_FEATURES};
 
-/// Descriptors of the control and event queues.
-const SMALL_QUEUE_SIZE: usize = 64;
 /// How often the completion thread wakes without an interrupt (a safety net and a health check;
 /// nothing spins).
 const IDLE_WAKE: Duration = Duration::from_millis(250);
@@ -130,15 +128,23 @@ pub struct ScsiHost {
     control: Mutex<ControlQueue>,
     /// Bumped by the completion thread after every wake-up (TMF callers wait on it).
     epoch: Epoch,
-    /// Set up so the device is complete; hotplug events use it later.
-    event: Mutex<VirtQueue<ShmHal, SMALL_QUEUE_SIZE>>,
+    /// Hotplug and parameter-change events (drained by the completion thread, handled by the
+    /// event thread through `events_tx`).
+    event: Mutex<EventQueue>,
+    events_tx: Mutex<Option<std::sync::mpsc::Sender<Event>>>,
     /// Serialises device resets.
     reset_lock: Mutex<()>,
     /// Recovery counters: commands that timed out, TMFs sent, device resets.
     timeouts: AtomicU64,
     tmfs: AtomicU64,
     resets: AtomicU64,
-    disks: RwLock<Vec<Arc<Disk>>>,
+    /// Disk number → disk. A number is never reused for another (target, LUN); a removed
+    /// disk leaves `None` (a LUN that comes back gets its old number).
+    disks: RwLock<Vec<Option<Arc<Disk>>>>,
+    /// Bumped whenever a disk appears, disappears or changes (capacity).
+    disk_generation: AtomicU64,
+    /// Numbers of removed disks with their (target, LUN), so a returning LUN keeps its number.
+    gone: Mutex<Vec<(usize, (u8, u16))>>,
     next_tag: AtomicU64,
     stop: AtomicBool,
     down: Mutex<Option<String>>,
@@ -162,15 +168,10 @@ impl ScsiHost {
             .map_err(|e| DriverError::Init(e.to_string()))?;
         let mut transport = PciTransport::probe(platform.clone())?;
 
-        // Reset, then negotiate. VERSION_1 is all we need. Not negotiated, on purpose:
-        // RING_EVENT_IDX (virtio-drivers 0.13's `should_notify` compares `avail_idx >=
-        // avail_event + 1` without wrap-around, so it would stop notifying after 65536
-        // commands; the used-ring NO_NOTIFY flag gives us batching instead), INDIRECT_DESC
-        // (a heap-allocated descriptor table per command, and 3 direct descriptors suffice),
-        // HOTPLUG/CHANGE (until the event queue is serviced), T10_PI, INOUT.
+        // Reset, then negotiate (see `WANTED_FEATURES` for what and why).
         transport.set_status(DeviceStatus::empty());
-        let negotiated = transport.begin_init(Feature::VERSION_1);
-        if !negotiated.contains(Feature::VERSION_1) {
+        let negotiated = transport.begin_init(WANTED_FEATURES);
+        if !negotiated.contains(Features::VERSION_1) {
             return Err(DriverError::Init(
                 "device does not offer VIRTIO_F_VERSION_1".into(),
             ));
@@ -192,11 +193,7 @@ impl ScsiHost {
         let nreq = cfg.queues.unwrap_or(available).clamp(1, available);
 
         let control = ControlQueue::new(&mut transport, &arena).map_err(DriverError::Init)?;
-        let event = {
-            let _scope = arena.scope();
-            VirtQueue::<ShmHal, SMALL_QUEUE_SIZE>::new(&mut transport, 1, false, false)
-                .map_err(|e| DriverError::Init(format!("event queue: {e}")))?
-        };
+        let event = EventQueue::new(&mut transport, &arena).map_err(DriverError::Init)?;
         let mut queues = Vec::with_capacity(nreq);
         for i in 0..nreq {
             queues.push(
@@ -243,6 +240,9 @@ impl ScsiHost {
             control: Mutex::new(control),
             epoch: Epoch::default(),
             event: Mutex::new(event),
+            events_tx: Mutex::new(None),
+            gone: Mutex::new(Vec::new()),
+            disk_generation: AtomicU64::new(0),
             reset_lock: Mutex::new(()),
             timeouts: AtomicU64::new(0),
             tmfs: AtomicU64::new(0),
@@ -265,9 +265,20 @@ impl ScsiHost {
         *host.completion.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
 
         let disks = host.scan();
+        if let Err(e) = host.health() {
+            host.shutdown();
+            return Err(e);
+        }
         log::info!("found {} disk(s)", disks.len());
         *host.disks.write().unwrap_or_else(|p| p.into_inner()) =
-            disks.into_iter().map(Arc::new).collect();
+            disks.into_iter().map(|d| Some(Arc::new(d))).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        *host.events_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        let weak = Arc::downgrade(&host);
+        std::thread::Builder::new()
+            .name("vscsi-events".into())
+            .spawn(move || event_loop(weak, rx))
+            .map_err(|e| DriverError::Init(format!("event thread: {e}")))?;
         Ok(host)
     }
 
@@ -286,18 +297,117 @@ impl ScsiHost {
         &self.queues
     }
 
-    /// The disks found, in (target, lun) order.
+    /// The disks present now, in disk-number order.
     pub fn disks(&self) -> Vec<Arc<Disk>> {
+        self.disks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// Every disk number ever given out, with the disk if it is present now.
+    pub fn disk_slots(&self) -> Vec<Option<Arc<Disk>>> {
         self.disks.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Disk number `index`.
+    /// Changes whenever a disk appears, disappears or changes size.
+    pub fn disk_generation(&self) -> u64 {
+        self.disk_generation.load(Ordering::Acquire)
+    }
+
+    /// Puts `disk` in the table: at its old number if its (target, LUN) had one, else at a
+    /// new number.
+    fn install_disk(&self, disk: Disk) {
+        let mut table = self.disks.write().unwrap_or_else(|p| p.into_inner());
+        let (t, l) = (disk.target, disk.lun);
+        let d = Arc::new(disk);
+        let existing = table
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|x| x.target == t && x.lun == l))
+            .or_else(|| {
+                self.gone
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .find(|(_, tl)| *tl == (t, l))
+                    .map(|(i, _)| *i)
+            });
+        match existing {
+            Some(i) => {
+                log::info!("disk {i}: {d}");
+                table[i] = Some(d);
+            }
+            None => {
+                log::info!("disk {}: {d} (new)", table.len());
+                table.push(Some(d));
+            }
+        }
+        self.disk_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Removes the disk at (target, LUN), keeping its number for its return.
+    fn remove_disk(&self, target: u8, lun: u16) {
+        let mut table = self.disks.write().unwrap_or_else(|p| p.into_inner());
+        for (i, s) in table.iter_mut().enumerate() {
+            if s.as_ref()
+                .is_some_and(|d| d.target == target && d.lun == lun)
+            {
+                log::info!("disk {i} (target {target} lun {lun}) removed");
+                *s = None;
+                self.gone
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((i, (target, lun)));
+                self.disk_generation.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Acts on one event (on the event thread: probing sends commands).
+    fn handle_event(&self, e: Event) {
+        log::info!("event: {e:?}");
+        match e {
+            Event::Rescan { target, lun } | Event::ParamChange { target, lun, .. } => {
+                match Disk::probe(self, target, lun) {
+                    Ok(Some(d)) => self.install_disk(d),
+                    Ok(None) => self.remove_disk(target, lun),
+                    Err(err) => {
+                        log::warn!("probing target {target} lun {lun} after {e:?}: {err}");
+                        if matches!(err, DriverError::Virtio(Response::BadTarget))
+                            || matches!(&err, DriverError::Scsi(s) if s.is_lun_not_supported())
+                        {
+                            self.remove_disk(target, lun);
+                        }
+                    }
+                }
+            }
+            Event::Removed { target, lun } => self.remove_disk(target, lun),
+            Event::Missed => {
+                let found = self.scan();
+                let present: Vec<(u8, u16)> = found.iter().map(|d| (d.target, d.lun)).collect();
+                for d in self.disks() {
+                    if !present.contains(&(d.target, d.lun)) {
+                        self.remove_disk(d.target, d.lun);
+                    }
+                }
+                for d in found {
+                    self.install_disk(d);
+                }
+            }
+        }
+    }
+
+    /// Disk number `index`, if present.
     pub fn disk(&self, index: usize) -> Option<Arc<Disk>> {
         self.disks
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(index)
             .cloned()
+            .flatten()
     }
 
     /// `Ok` while the host works.
@@ -312,6 +422,9 @@ impl ScsiHost {
     /// and stops the completion thread. Idempotent.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        // A reset in progress finishes first (and sees `stop` afterwards), so it cannot bring
+        // the queues back to life after they are failed here.
+        let _no_reset = self.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.mark_down("host shut down");
         if self.platform.health().is_ok() {
             self.transport
@@ -324,6 +437,7 @@ impl ScsiHost {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        drop(_no_reset);
         if let Some(h) = handle
             && h.thread().id() != std::thread::current().id()
         {
@@ -552,6 +666,9 @@ impl ScsiHost {
     /// ATTENTION next, which is retried).
     pub fn reset_device(&self, reason: &str) -> Result<(), DriverError> {
         let _one = self.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stop.load(Ordering::SeqCst) {
+            return Err(DriverError::Down("host shut down".into()));
+        }
         self.resets.fetch_add(1, Ordering::Relaxed);
         log::warn!("resetting the virtio-scsi device: {reason}");
         let reason = format!("device reset ({reason})");
@@ -566,8 +683,8 @@ impl ScsiHost {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.platform.health()?;
-        let negotiated = t.begin_init(Feature::VERSION_1);
-        if !negotiated.contains(Feature::VERSION_1)
+        let negotiated = t.begin_init(WANTED_FEATURES);
+        if !negotiated.contains(Features::VERSION_1)
             || !t.get_status().contains(DeviceStatus::FEATURES_OK)
         {
             let e = "device refused our features after reset".to_string();
@@ -578,13 +695,15 @@ impl ScsiHost {
             self.mark_down(&e);
             DriverError::Init(e)
         };
+        // The reset restored the device's default CDB and sense sizes; the queues' slots are
+        // laid out for the ones chosen at start-up.
+        restore_sizes(&mut t, &self.config).map_err(fail)?;
         control.reinit(&mut t, &self.arena).map_err(fail)?;
-        {
-            let _scope = self.arena.scope();
-            let mut event = self.event.lock().unwrap_or_else(|p| p.into_inner());
-            *event = VirtQueue::new(&mut *t, 1, false, false)
-                .map_err(|e| fail(format!("event queue: {e}")))?;
-        }
+        self.event
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reinit(&mut t, &self.arena)
+            .map_err(fail)?;
         for q in &self.queues {
             q.reinit(&mut t, &self.arena, &reason).map_err(fail)?;
         }
@@ -635,6 +754,53 @@ impl ScsiHost {
             return Err(DriverError::ReadOnly);
         }
         self.block_io(disk, lba, BlockBuf::Write(buf))
+    }
+
+    /// Discards `blocks` blocks from `lba` (UNMAP or WRITE SAME(16) with UNMAP, whichever the
+    /// disk offers; split to its limits). `Err(Invalid)` when the disk cannot discard. What
+    /// discarded blocks read back as is the disk's business (`Disk::discard`, LBPRZ).
+    pub fn discard(&self, disk: &Disk, lba: u64, blocks: u64) -> Result<(), DriverError> {
+        if disk.readonly {
+            return Err(DriverError::ReadOnly);
+        }
+        if blocks == 0 {
+            return Ok(());
+        }
+        if lba.checked_add(blocks).is_none_or(|end| end > disk.blocks) {
+            return Err(DriverError::Invalid(format!(
+                "discard of blocks {lba}+{blocks} beyond the end of a {}-block disk",
+                disk.blocks
+            )));
+        }
+        let route = self.route(disk);
+        let (max, unmap) = match disk.discard {
+            crate::disk::Discard::None => {
+                return Err(DriverError::Invalid("the disk cannot discard".into()));
+            }
+            crate::disk::Discard::Unmap { max_blocks } => (max_blocks, true),
+            crate::disk::Discard::WriteSame { max_blocks } => (max_blocks, false),
+        };
+        let mut at = lba;
+        let end = lba + blocks;
+        while at < end {
+            let n = (end - at).min(u64::from(max.max(1))) as u32;
+            let bad = |e: scsi::CdbError| DriverError::Invalid(e.to_string());
+            if unmap {
+                let (cdb, list) =
+                    scsi::unmap(&[scsi::UnmapRange { lba: at, blocks: n }]).map_err(bad)?;
+                self.execute_on(
+                    route.queue(),
+                    &disk.lun_field,
+                    cdb.as_slice(),
+                    Data::Out(&list),
+                )?;
+            } else {
+                let cdb = scsi::Cdb::write_same16(at, n, true, true).map_err(bad)?;
+                self.execute_on(route.queue(), &disk.lun_field, cdb.as_slice(), Data::None)?;
+            }
+            at += u64::from(n);
+        }
+        Ok(())
     }
 
     /// SYNCHRONIZE CACHE on the whole disk: every completed write is on the backend after.
@@ -970,12 +1136,49 @@ fn backoff(attempt: u32, e: &DriverError) -> Duration {
     Duration::from_millis((1u64 << attempt.min(7)).min(100))
 }
 
+/// `Transport::read_consistent` with a bound: a device whose configuration generation never
+/// settles is refused instead of hanging the driver.
+fn read_consistent_bounded<T>(
+    t: &PciTransport,
+    f: impl Fn() -> Result<T, virtio_drivers::Error>,
+) -> Result<T, virtio_drivers::Error> {
+    for _ in 0..64 {
+        let before = t.read_config_generation();
+        let result = f();
+        if t.read_config_generation() == before {
+            return result;
+        }
+    }
+    log::error!("the device's configuration generation never settles");
+    Err(virtio_drivers::Error::IoError)
+}
+
+/// Writes back the CDB and sense sizes chosen at start-up if the device forgot them.
+fn restore_sizes(t: &mut PciTransport, chosen: &ScsiConfig) -> Result<(), String> {
+    use wire::cfg;
+    let now = read_config(t).map_err(|e| e.to_string())?;
+    if now.cdb_size == chosen.cdb_size && now.sense_size == chosen.sense_size {
+        return Ok(());
+    }
+    t.write_config_space::<u32>(cfg::CDB_SIZE, chosen.cdb_size)
+        .and_then(|()| t.write_config_space::<u32>(cfg::SENSE_SIZE, chosen.sense_size))
+        .map_err(|e| format!("config: {e}"))?;
+    let after = read_config(t).map_err(|e| e.to_string())?;
+    if after.cdb_size != chosen.cdb_size || after.sense_size != chosen.sense_size {
+        return Err(format!(
+            "device will not take back cdb_size {} / sense_size {} after a reset",
+            chosen.cdb_size, chosen.sense_size
+        ));
+    }
+    Ok(())
+}
+
 /// Reads the device configuration consistently (generation counter) and fixes the sizes we
 /// depend on if the device reports nonsense.
 fn read_config(t: &mut PciTransport) -> Result<ScsiConfig, DriverError> {
     use wire::cfg;
     let read = |t: &PciTransport| -> Result<ScsiConfig, virtio_drivers::Error> {
-        t.read_consistent(|| {
+        read_consistent_bounded(t, || {
             Ok(ScsiConfig {
                 num_queues: t.read_config_space::<u32>(cfg::NUM_QUEUES)?,
                 seg_max: t.read_config_space::<u32>(cfg::SEG_MAX)?,
@@ -1016,9 +1219,23 @@ fn read_config(t: &mut PciTransport) -> Result<ScsiConfig, DriverError> {
     Ok(c)
 }
 
+/// The event thread: acts on hotplug and parameter-change events.
+fn event_loop(host: Weak<ScsiHost>, rx: std::sync::mpsc::Receiver<Event>) {
+    while let Ok(e) = rx.recv() {
+        let Some(h) = host.upgrade() else { return };
+        if h.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        h.handle_event(e);
+    }
+}
+
 /// The completion thread: sleep until the interrupt line is asserted, acknowledge it at the
 /// device (ISR read, which deasserts it), then drain every request queue.
 fn completion_loop(host: Weak<ScsiHost>) {
+    // Interrupts in a row that brought nothing (ISR 0, no used entries): a line stuck high
+    // must not turn this thread into a busy loop.
+    let mut spurious = 0u32;
     loop {
         let Some(h) = host.upgrade() else { return };
         if h.stop.load(Ordering::SeqCst) {
@@ -1026,28 +1243,72 @@ fn completion_loop(host: Weak<ScsiHost>) {
         }
         let woke = h.platform.wait_irq(Some(IDLE_WAKE));
         let res = match woke {
-            Ok(IrqWait::Asserted) => h.isr.read().map(|_| ()),
-            Ok(IrqWait::TimedOut) => Ok(()),
+            Ok(IrqWait::Asserted) => h.isr.read().map(|isr| Some(isr.bits())),
+            Ok(IrqWait::TimedOut) => Ok(None),
             Err(e) => Err(e),
         };
-        if let Err(e) = res {
-            log::error!("machine failed: {e}");
-            h.mark_down(&e.to_string());
-            return;
-        }
+        let isr = match res {
+            Ok(isr) => isr,
+            Err(e) => {
+                log::error!("machine failed: {e}");
+                h.mark_down(&e.to_string());
+                return;
+            }
+        };
+        let mut work = 0;
         for q in &h.queues {
-            q.drain();
+            work += q.drain();
         }
         h.epoch.bump();
+        let events = h.event.lock().unwrap_or_else(|p| p.into_inner()).drain();
+        work += events.len();
+        if !events.is_empty()
+            && let Some(tx) = h
+                .events_tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+        {
+            for e in events {
+                let _ = tx.send(e);
+            }
+        }
         // A queue the device broke (an answer that made no sense) is not trusted to have
         // stopped using its buffers: reset the device, which stops all DMA and restores the
         // queues. Not when the host is going down.
-        if !h.stop.load(Ordering::SeqCst)
+        let broken = h.queues.iter().any(RequestQueue::is_broken)
+            || h.event
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_broken()
+            || h.control
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_broken();
+        if broken
+            && !h.stop.load(Ordering::SeqCst)
             && h.health().is_ok()
-            && h.queues.iter().any(RequestQueue::is_broken)
-            && let Err(e) = h.reset_device("a request queue received a nonsensical answer")
+            && let Err(e) = h.reset_device("a queue received a nonsensical answer")
         {
             log::error!("device reset failed: {e}");
+        }
+        // An interrupt that brought nothing: spurious, or a line stuck high (the ISR read
+        // did not lower it). Back off, 1 ms, 2 ms, ... up to IDLE_WAKE, so a stuck line
+        // costs a few wake-ups a second instead of a busy CPU. Real work resets it.
+        if isr.is_some() && work == 0 {
+            spurious = spurious.saturating_add(1);
+            if spurious == 64 {
+                log::warn!("interrupt line asserted with nothing to do; backing off");
+            }
+            // The first few in a row are normal (an interrupt for entries an earlier pass
+            // already drained); only a run of them means a stuck line.
+            if spurious > 8 {
+                let pause = Duration::from_millis(1u64 << (spurious - 8).min(8)).min(IDLE_WAKE);
+                drop(h);
+                std::thread::sleep(pause);
+            }
+        } else {
+            spurious = 0;
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod control;
 pub mod disk;
 pub mod error;
+pub mod events;
 pub mod hal;
 pub mod host;
 pub mod queue;

@@ -30,6 +30,8 @@ pub const QUEUE_SIZE: usize = 128;
 /// Descriptors one command uses: request header, response, and one data buffer (the data
 /// buffer is physically contiguous, so one segment always satisfies `seg_max`).
 pub const DESC_PER_CMD: usize = 3;
+/// How long a new command waits for the device reset that restores a broken queue.
+const RESET_WAIT: Duration = Duration::from_secs(10);
 /// Offset of the response inside a slot's first page.
 const RESP_OFFSET: usize = 1024;
 /// Offset of the data buffer inside a slot.
@@ -121,15 +123,75 @@ struct ChainBuffers<'a> {
     n_out: usize,
 }
 
+/// Reads the raw 32-bit id of the next used element of a ring, which
+/// `VirtQueue::peek_used` truncates to 16 bits (a hostile id of 0x10001 would pass as 1).
+/// Tracks the ring position itself: one `advance` per popped element.
+pub struct UsedIds {
+    ring: NonNull<u8>,
+    size: usize,
+    next: u16,
+}
+
+// SAFETY: a pointer into device-visible memory, only read with volatile reads by the holder
+// of the queue it belongs to.
+unsafe impl Send for UsedIds {}
+
+impl UsedIds {
+    /// For queue `queue` of `size` entries, whose ring `transport` just set up.
+    pub fn new(
+        transport: &crate::transport::PciTransport,
+        arena: &DmaArena,
+        queue: u16,
+        size: usize,
+    ) -> Result<Self, String> {
+        let dev = transport
+            .used_ring(queue)
+            .ok_or_else(|| format!("virtqueue {queue}: no used ring"))?;
+        let ring = arena
+            .cpu_ptr_of(dev, 6 + 8 * size)
+            .ok_or_else(|| format!("virtqueue {queue}: used ring outside DMA memory"))?;
+        Ok(UsedIds {
+            ring,
+            size,
+            next: 0,
+        })
+    }
+
+    /// The raw id of the next used element. Call only after `peek_used` said one is there
+    /// (its acquire load of the used index orders this read after the device's write).
+    pub fn next_id(&self) -> u32 {
+        let at = 4 + 8 * (usize::from(self.next) % self.size);
+        // SAFETY: `at + 4 <= 4 + 8 * size`, inside the ring checked in `new`; the element
+        // was published by the device; a volatile read of a u32 at a 4-aligned address of
+        // DMA memory is what a driver does with a ring the device writes.
+        let raw = unsafe { std::ptr::read_volatile(self.ring.as_ptr().add(at).cast::<u32>()) };
+        u32::from_le(raw)
+    }
+
+    /// One element popped.
+    pub fn advance(&mut self) {
+        self.next = self.next.wrapping_add(1);
+    }
+
+    /// Whether the next used element's raw id is exactly `token` (a valid 16-bit head).
+    pub fn matches(&self, token: u16) -> bool {
+        self.next_id() == u32::from(token)
+    }
+}
+
 /// Everything behind the queue lock.
 struct QueueInner {
     vq: VirtQueue<ShmHal, QUEUE_SIZE>,
+    used_ids: UsedIds,
     /// Free slots.
     free: Vec<u16>,
     /// Chain in flight by head descriptor index (the token `VirtQueue::add` returned).
     chains: [Option<Chain>; QUEUE_SIZE],
     /// Set once: the queue takes no more commands.
     broken: Option<String>,
+    /// Broken by the device, and a device reset (which brings the queue back) is coming:
+    /// new commands wait for it instead of failing.
+    awaiting_reset: bool,
 }
 
 /// Per-queue counters.
@@ -188,6 +250,7 @@ impl RequestQueue {
         let notifier = transport
             .notifier(index)
             .ok_or_else(|| format!("virtqueue {index}: no notify address"))?;
+        let used_ids = UsedIds::new(transport, arena, index, QUEUE_SIZE)?;
         let nslots = QUEUE_SIZE / DESC_PER_CMD;
         let req_len = REQ_HEADER_LEN + cdb_size;
         let resp_len = RESP_HEADER_LEN + sense_size;
@@ -208,9 +271,11 @@ impl RequestQueue {
             notifier,
             inner: Mutex::new(QueueInner {
                 vq,
+                used_ids,
                 free: (0..nslots as u16).rev().collect(),
                 chains: [None; QUEUE_SIZE],
                 broken: None,
+                awaiting_reset: false,
             }),
             slot_freed: Condvar::new(),
             slots: (0..nslots)
@@ -263,7 +328,20 @@ impl RequestQueue {
     /// Takes a free slot, waiting while all are in use.
     pub fn acquire(&self) -> Result<SlotGuard<'_>, QueueError> {
         let mut inner = self.lock();
+        let reset_deadline = Instant::now() + RESET_WAIT;
         loop {
+            if inner.broken.is_some() && inner.awaiting_reset {
+                // The reset that restores the queue is on its way: wait for it (bounded).
+                let now = Instant::now();
+                if now < reset_deadline {
+                    inner = self
+                        .slot_freed
+                        .wait_timeout(inner, reset_deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    continue;
+                }
+            }
             if let Some(reason) = &inner.broken {
                 return Err(self.broken_error(reason));
             }
@@ -352,12 +430,14 @@ impl RequestQueue {
         let mut popped = 0;
         let mut inner = self.lock();
         while let Some(token) = inner.vq.peek_used() {
-            let chain = usize::from(token)
-                .lt(&QUEUE_SIZE)
+            let chain = (usize::from(token) < QUEUE_SIZE && inner.used_ids.matches(token))
                 .then(|| inner.chains[usize::from(token)])
                 .flatten();
             let Some(chain) = chain else {
-                let reason = format!("device returned unknown descriptor id {token}");
+                let reason = format!(
+                    "device returned unknown descriptor id {:#x}",
+                    inner.used_ids.next_id()
+                );
                 log::error!("queue {}: {reason}", self.index);
                 // Its commands stay in flight until the device reset that this triggers (the
                 // device may still be using their buffers); `reinit` then fails them.
@@ -376,6 +456,7 @@ impl RequestQueue {
                 }
             };
             inner.chains[usize::from(token)] = None;
+            inner.used_ids.advance();
             popped += 1;
             // The spec's used length counts bytes written into device-writable buffers, but
             // QEMU (hw/scsi/virtio-scsi.c) reports response + data size in both directions, so
@@ -426,6 +507,9 @@ impl RequestQueue {
         if inner.broken.is_none() {
             inner.broken = Some(reason.clone());
         }
+        // Broken by the device: a reset follows. Failed for good (machine gone, shut down):
+        // nothing follows, and waiters must give up now.
+        inner.awaiting_reset = !fail_in_flight;
         if !fail_in_flight {
             self.slot_freed.notify_all();
             return;
@@ -464,7 +548,9 @@ impl RequestQueue {
         let _scope = arena.scope();
         inner.vq = VirtQueue::<ShmHal, QUEUE_SIZE>::new(transport, self.index, false, false)
             .map_err(|e| format!("virtqueue {}: {e}", self.index))?;
+        inner.used_ids = UsedIds::new(transport, arena, self.index, QUEUE_SIZE)?;
         inner.broken = None;
+        inner.awaiting_reset = false;
         self.slot_freed.notify_all();
         Ok(())
     }

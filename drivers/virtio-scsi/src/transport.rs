@@ -132,6 +132,9 @@ pub struct PciTransport {
     notify_multiplier: u32,
     /// Cached notify address per queue index, filled by `queue_set`.
     notify_addrs: Vec<Option<u64>>,
+    /// Device address of each queue's used ring, recorded by `queue_set` (the driver reads the
+    /// raw used-ring ids itself: `VirtQueue::peek_used` truncates them to 16 bits).
+    used_rings: Vec<Option<u64>>,
 }
 
 impl PciTransport {
@@ -158,7 +161,7 @@ impl PciTransport {
 
         // Assign every memory BAR, naturally aligned, from the platform's MMIO window.
         let window = platform.mmio_window();
-        let mut bar_addrs = [None::<u64>; 6];
+        let mut bar_addrs = [None::<(u64, u64)>; 6];
         let mut next = window.base;
         let mut index = 0u8;
         while index < 6 {
@@ -184,7 +187,7 @@ impl PciTransport {
                         root.set_bar_32(function, index, addr32)
                     }
                 }
-                bar_addrs[usize::from(index)] = Some(addr);
+                bar_addrs[usize::from(index)] = Some((addr, size));
                 log::debug!("virtio-scsi BAR{index}: {size:#x} bytes at {addr:#x}");
             }
             index += step;
@@ -198,7 +201,17 @@ impl PciTransport {
         let cam = PlatformCam(platform.clone());
         let (mut common, mut isr, mut device_cfg, mut notify) = (None, None, None, None);
         let mut notify_multiplier = 0;
-        for cap in root.capabilities(function) {
+        // A broken device can make the list a cycle: visit each offset once, and at most the
+        // 48 dword-aligned slots that config space has after the header.
+        let mut seen = [false; 256];
+        for cap in root.capabilities(function).take(48) {
+            if std::mem::replace(&mut seen[usize::from(cap.offset)], true) {
+                log::warn!(
+                    "virtio-scsi at {dev}: capability list loops at {:#x}",
+                    cap.offset
+                );
+                break;
+            }
             if cap.id != PCI_CAP_VENDOR {
                 continue;
             }
@@ -208,9 +221,17 @@ impl PciTransport {
             let bar = (w1 & 0xff) as usize;
             let offset = cam.read_word(function, cap.offset.wrapping_add(8));
             let length = cam.read_word(function, cap.offset.wrapping_add(12));
-            let Some(Some(base)) = bar_addrs.get(bar) else {
+            let Some(Some((base, bar_size))) = bar_addrs.get(bar).copied() else {
                 continue; // PCI config access capability (type 5) or a BAR we do not map
             };
+            // The structure must lie inside its BAR, or its accesses would hit whatever else
+            // is mapped there.
+            if u64::from(offset) + u64::from(length) > bar_size {
+                return Err(bad(format!(
+                    "virtio structure type {cfg_type} at BAR{bar}+{offset:#x} (+{length:#x}) is \
+                     outside the {bar_size:#x}-byte BAR"
+                )));
+            }
             let region = Region {
                 addr: base + u64::from(offset),
                 len: length,
@@ -233,6 +254,9 @@ impl PciTransport {
         if common.len < 0x38 {
             return Err(bad(format!("common config is {} bytes", common.len)));
         }
+        if isr.len < 1 || notify.len < 2 {
+            return Err(bad("ISR or notify structure is empty".into()));
+        }
         Ok(PciTransport {
             platform,
             dev,
@@ -242,6 +266,7 @@ impl PciTransport {
             notify,
             notify_multiplier,
             notify_addrs: Vec::new(),
+            used_rings: Vec::new(),
         })
     }
 
@@ -263,6 +288,11 @@ impl PciTransport {
             addr,
             queue,
         })
+    }
+
+    /// Device address of `queue`'s used ring, once `queue_set` has run for it.
+    pub fn used_ring(&self, queue: u16) -> Option<u64> {
+        *self.used_rings.get(usize::from(queue))?
     }
 
     /// Reads and clears the ISR status; this deasserts the INTx line.
@@ -404,6 +434,10 @@ impl Transport for PciTransport {
             self.notify_addrs.resize(i + 1, None);
         }
         self.notify_addrs[i] = addr;
+        if self.used_rings.len() <= i {
+            self.used_rings.resize(i + 1, None);
+        }
+        self.used_rings[i] = Some(device_area);
         self.write(QUEUE_ENABLE, Width::U16, 1);
     }
 

@@ -6,14 +6,36 @@
 
 use scsi_commands::ScsiStatus;
 
-/// Feature: a request may carry both data-out and data-in buffers.
-pub const F_INOUT: u64 = 1 << 0;
-/// Feature: the device reports hotplug events on the event queue.
-pub const F_HOTPLUG: u64 = 1 << 1;
-/// Feature: the device reports parameter changes on the event queue.
-pub const F_CHANGE: u64 = 1 << 2;
-/// Feature: T10 protection information.
-pub const F_T10_PI: u64 = 1 << 3;
+bitflags::bitflags! {
+    /// Feature bits: virtio-scsi's own (0-3) and the transport bits we care about.
+    /// (`virtio_drivers`' `Feature` type drops device-specific bits in `begin_init`.)
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Features: u64 {
+        /// A request may carry both data-out and data-in buffers.
+        const INOUT = 1 << 0;
+        /// The device reports hotplug events on the event queue.
+        const HOTPLUG = 1 << 1;
+        /// The device reports parameter changes on the event queue.
+        const CHANGE = 1 << 2;
+        /// T10 protection information.
+        const T10_PI = 1 << 3;
+        /// Indirect descriptors.
+        const RING_INDIRECT_DESC = 1 << 28;
+        /// used_event / avail_event.
+        const RING_EVENT_IDX = 1 << 29;
+        /// Virtio 1.0 or later.
+        const VERSION_1 = 1 << 32;
+    }
+}
+
+/// What this driver negotiates when the device offers it. Not negotiated, on purpose:
+/// RING_EVENT_IDX (virtio-drivers 0.13's `should_notify` compares `avail_idx >= avail_event +
+/// 1` without wrap-around, so it would stop notifying after 65536 commands; the used ring's
+/// NO_NOTIFY flag gives batching instead), RING_INDIRECT_DESC (a heap allocation per command,
+/// and three direct descriptors suffice), T10_PI and INOUT (no use for them).
+pub const WANTED_FEATURES: Features = Features::VERSION_1
+    .union(Features::HOTPLUG)
+    .union(Features::CHANGE);
 
 /// Task attribute SIMPLE.
 pub const TASK_ATTR_SIMPLE: u8 = 0;

@@ -37,15 +37,28 @@ fn errno(op: &str, disk: usize, e: DriverError) -> Error {
 
 impl BlockDevice for HostDevices {
     fn disks(&self) -> Vec<DiskInfo> {
+        // Disk numbers are the host's: stable across hotplug. A removed disk keeps its number
+        // with no blocks (and the host answers ENODEV for it).
         self.host
-            .disks()
+            .disk_slots()
             .iter()
-            .map(|d| DiskInfo {
-                block_size: d.block_size,
-                blocks: d.blocks,
-                readonly: d.readonly || self.readonly_targets.contains(&d.target),
+            .map(|slot| match slot {
+                Some(d) => DiskInfo {
+                    block_size: d.block_size,
+                    blocks: d.blocks,
+                    readonly: d.readonly || self.readonly_targets.contains(&d.target),
+                },
+                None => DiskInfo {
+                    block_size: 512,
+                    blocks: 0,
+                    readonly: true,
+                },
             })
             .collect()
+    }
+
+    fn generation(&self, _disk: usize) -> u64 {
+        self.host.disk_generation()
     }
 
     fn read_blocks(&self, disk: usize, lba: u64, buf: &mut [u8]) -> Result<()> {

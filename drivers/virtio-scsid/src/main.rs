@@ -10,6 +10,8 @@
 #![cfg_attr(target_os = "redox", allow(unused_imports, dead_code))]
 
 #[cfg(not(target_os = "redox"))]
+mod arenas;
+#[cfg(not(target_os = "redox"))]
 mod config;
 mod device;
 #[cfg(not(target_os = "redox"))]
@@ -96,6 +98,10 @@ struct Args {
     /// I_T NEXUS RESET, then a device reset).
     #[arg(long, default_value_t = 30_000)]
     command_timeout_ms: u64,
+    /// MiB of zero-copy arena per shared-memory client (device-visible memory the client maps;
+    /// 0 turns the shared-memory transport off).
+    #[arg(long, default_value_t = 32)]
+    arena_mib: usize,
     /// Milliseconds each recovery step waits for the command.
     #[arg(long, default_value_t = 5_000)]
     tmf_timeout_ms: u64,
@@ -222,7 +228,11 @@ fn run(args: Args) -> Result<(), String> {
         arena_max_mib: 256,
     };
     let machine = QemuMachine::launch(machine_cfg).map_err(|e| e.to_string())?;
-    println!("virtio-scsid: machine up: QEMU pid {}", machine.pid());
+    println!(
+        "virtio-scsid: machine up: QEMU pid {} (QMP {})",
+        machine.pid(),
+        machine.qmp_socket().display()
+    );
     let _ = std::io::stdout().flush();
 
     let host = ScsiHost::start(
@@ -254,7 +264,10 @@ fn run(args: Args) -> Result<(), String> {
         .collect();
     let devices = Arc::new(HostDevices::new(host.clone(), readonly_targets));
     let access = access_policy(&args);
-    log::info!("disks may be opened by: {access} (socket mode {:o})", args.socket_mode);
+    log::info!(
+        "disks may be opened by: {access} (socket mode {:o})",
+        args.socket_mode
+    );
     let scheme = Arc::new(DiskScheme::with_access(SCHEME, devices.clone(), access));
     let server = Server::bind(
         ServerConfig {
@@ -262,6 +275,10 @@ fn run(args: Args) -> Result<(), String> {
             workers: args.workers.max(1),
             pin_workers: true,
             socket_mode: args.socket_mode,
+            arena: (args.arena_mib > 0).then(|| {
+                Arc::new(arenas::HostArenas::new(host.clone())) as Arc<dyn vscsi_ipc::ArenaProvider>
+            }),
+            arena_bytes: args.arena_mib.max(1) << 20,
             ..ServerConfig::default()
         },
         scheme,
@@ -287,7 +304,11 @@ fn run(args: Args) -> Result<(), String> {
         socket.display()
     );
     let _ = std::io::stdout().flush();
-    let status = format!("STATUS=serving {} disk(s) on {}", found.len(), socket.display());
+    let status = format!(
+        "STATUS=serving {} disk(s) on {}",
+        found.len(),
+        socket.display()
+    );
     if let Err(e) = notify::notify(&format!("READY=1\n{status}")) {
         log::warn!("systemd readiness notification failed: {e}");
     }

@@ -1,12 +1,13 @@
 //! A RAM-disk server for trying the `vscsi` CLI and the client library without QEMU:
 //! `cargo run -p vscsi-ipc --example mem_server -- [SOCKET] [DISK_MIB...]`
 //! (default socket: `default_socket_path()`, default disks: one of 64 MiB). Ctrl-C stops it
-//! uncleanly; the next start replaces the stale socket.
+//! uncleanly; the next start replaces the stale socket. The shared-memory transport is on,
+//! with arenas in plain memfds (`vscsi bench --ipc shm` works against it).
 
 use std::sync::{Arc, RwLock};
 
 use block_scheme::{BlockDevice, DiskInfo, DiskScheme};
-use vscsi_ipc::{Server, ServerConfig, default_socket_path};
+use vscsi_ipc::{MemfdArenas, Server, ServerConfig, default_socket_path};
 
 struct RamDisks(Vec<RwLock<Vec<u8>>>);
 
@@ -52,7 +53,9 @@ fn main() -> std::io::Result<()> {
             .collect(),
     );
     let scheme = Arc::new(DiskScheme::new("disk.virtio-scsi", Arc::new(disks)));
-    let server = Server::bind(ServerConfig::new(&socket), scheme)?;
+    let mut config = ServerConfig::new(&socket);
+    config.arena = Some(Arc::new(MemfdArenas::new()));
+    let server = Server::bind(config, scheme)?;
     eprintln!("serving disk.virtio-scsi on {}", socket.display());
     server.run()
 }

@@ -13,9 +13,18 @@
 //! A [`Handle`] dropped without [`Client::close`] sends a Close without waiting for its reply
 //! (errors are ignored); if the connection is gone, the server has closed it already (the
 //! server closes every handle of a connection when the connection ends).
+//!
+//! [`Client::connect_shm`] also starts the shared-memory transport ([`crate::shm`]): requests
+//! then go through rings in shared memory, and data through an arena the device can reach.
+//! [`Client::alloc_buf`] gives buffers in that arena; [`Client::prep_read`],
+//! [`Client::prep_write`], [`Client::prep_fsync`], [`Client::submit`] and [`Client::reap`]
+//! run many requests from one thread with no copy and no system call per request while the
+//! server is busy. `read_at`/`write_at` keep working on any buffer (one copy through the
+//! arena). Open, close, stat and the rest stay on the socket.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,15 +34,17 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use rustix::net::{SendAncillaryBuffer, SendFlags};
-use syscall::error::{EBADF, EINVAL, ENAMETOOLONG, ENODEV, ENOSPC};
+use syscall::error::{EAGAIN, EBADF, EINVAL, ENAMETOOLONG, ENODEV, ENOSPC, EOPNOTSUPP};
 use syscall::flag::{MODE_DIR, MODE_TYPE, O_DIRECTORY, O_RDONLY, O_RDWR, O_STAT, O_WRONLY};
 
 use crate::errno::{errno_name, errno_text};
 use crate::protocol::{
-    self, MAX_NAME, MAX_PATH, MAX_PAYLOAD, Opcode, ReadError, Reply, Request, RequestHeader,
-    VERSION,
+    self, MAX_NAME, MAX_PATH, MAX_PAYLOAD, Opcode, REPLY_HEADER_LEN, ReadError, Reply, ReplyHeader,
+    Request, RequestHeader, VERSION,
 };
 use crate::server::default_socket_path;
+use crate::shm::{self, ShmInfo};
+use crate::shm_client::{ArenaBuf, Completion, PrepError, Session, Ticket};
 
 /// How long `connect` waits for the server's Hello reply.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +52,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PIPELINE_DEPTH: usize = 4;
 /// Largest root listing `list` accepts.
 const MAX_LISTING: usize = 1 << 20;
+/// Largest bounce buffer `read_at`/`write_at` take from the arena per request.
+const SHM_BOUNCE_MAX: usize = 1 << 20;
 
 /// Errors from the client library. `Display` is one clear line.
 #[derive(Debug, thiserror::Error)]
@@ -275,6 +288,9 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// The shared-memory session's doorbell: rung when the connection dies, so that threads
+    /// sleeping on the completion ring notice.
+    bell: Option<OwnedFd>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -294,6 +310,13 @@ impl Shared {
         // Dropping the senders wakes every waiter with an error.
         drop(drained);
         let _ = stream.shutdown(std::net::Shutdown::Both);
+        if let Some(b) = &self.bell {
+            shm::kick(b.as_fd());
+        }
+    }
+
+    fn dead(&self) -> Option<ClientError> {
+        lock(&self.state).dead.as_ref().map(Dead::error)
     }
 
     fn dead_error(&self) -> ClientError {
@@ -316,6 +339,8 @@ struct Inner {
     chunk: usize,
     next_tag: AtomicU64,
     reader: Mutex<Option<thread::JoinHandle<()>>>,
+    /// The shared-memory session, if one was set up.
+    shm: Option<Session>,
 }
 
 impl Drop for Inner {
@@ -475,6 +500,63 @@ fn reader_loop(shared: Arc<Shared>, stream: UnixStream) {
     }
 }
 
+/// The caller's buffer of a `read_at`/`write_at` through the session.
+enum ShmRw<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl ShmRw<'_> {
+    fn len(&self) -> usize {
+        match self {
+            ShmRw::Read(b) => b.len(),
+            ShmRw::Write(b) => b.len(),
+        }
+    }
+}
+
+/// Sends ShmSetup on a connection that finished Hello (nothing else in flight), receives the
+/// reply with its descriptors, and maps the session.
+fn setup_shm(stream: &UnixStream, arena_bytes: u64) -> Result<Session, ClientError> {
+    let req = Request::ShmSetup { arena_bytes };
+    send_frame(stream, &[&req.encode(0)])?;
+    let mut hb = [0u8; REPLY_HEADER_LEN];
+    let (mut got, fds) = shm::recv_with_fds(stream.as_fd(), &mut hb)?;
+    if got == 0 {
+        return Err(ClientError::Disconnected);
+    }
+    let mut r = stream;
+    while got < REPLY_HEADER_LEN {
+        match r.read(&mut hb[got..]) {
+            Ok(0) => return Err(ClientError::Disconnected),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let h = ReplyHeader::parse(&hb).map_err(|e| protocol_err(e.to_string()))?;
+    if h.tag != 0 || h.op.is_some_and(|op| op != Opcode::ShmSetup) {
+        return Err(protocol_err("unexpected reply to ShmSetup"));
+    }
+    let mut payload = vec![0u8; h.payload_len as usize];
+    r.read_exact(&mut payload)?;
+    if h.status != 0 {
+        return Err(ClientError::from_errno(h.status as i32));
+    }
+    let info = ShmInfo::decode(&payload).map_err(protocol_err)?;
+    if h.value != info.arena_len {
+        return Err(protocol_err("ShmSetup reply value is not the arena length"));
+    }
+    if fds.len() != shm::SETUP_FDS {
+        return Err(protocol_err(format!(
+            "ShmSetup reply carried {} descriptors, expected {}",
+            fds.len(),
+            shm::SETUP_FDS
+        )));
+    }
+    Session::new(info, fds).map_err(|e| protocol_err(format!("cannot map the session: {e}")))
+}
+
 /// A connection to the virtio-scsid server. Cheap to clone; `Send + Sync`.
 #[derive(Clone)]
 pub struct Client {
@@ -498,7 +580,18 @@ impl Client {
     /// Connects to the server at `path` and does the Hello handshake (at most
     /// [`HANDSHAKE_TIMEOUT`]).
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
-        let path = path.as_ref();
+        Client::connect_with(path.as_ref(), None)
+    }
+
+    /// Like [`Client::connect`], then starts the shared-memory transport with an arena of
+    /// `arena_bytes` (0: the server's default; the server may give less than asked, never
+    /// more than its limit). Fails with the server's errno if it cannot (`EOPNOTSUPP`: the
+    /// server has no arenas); [`Client::connect`] then still works.
+    pub fn connect_shm(path: impl AsRef<Path>, arena_bytes: usize) -> Result<Client, ClientError> {
+        Client::connect_with(path.as_ref(), Some(arena_bytes as u64))
+    }
+
+    fn connect_with(path: &Path, shm_arena: Option<u64>) -> Result<Client, ClientError> {
         let connect_err = |source: io::Error| ClientError::Connect {
             path: path.to_path_buf(),
             source,
@@ -560,13 +653,25 @@ impl Client {
         }
         let scheme = String::from_utf8(reply.payload)
             .map_err(|_| protocol_err("scheme name in Hello reply is not UTF-8"))?;
+        let session = match shm_arena {
+            None => None,
+            Some(bytes) => Some(setup_shm(&stream, bytes).map_err(|e| match e {
+                ClientError::Io(e) => connect_err(e),
+                e => e,
+            })?),
+        };
         stream.set_read_timeout(None).map_err(connect_err)?;
+        let bell = match &session {
+            Some(s) => Some(s.bell().map_err(connect_err)?),
+            None => None,
+        };
 
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 pending: HashMap::new(),
                 dead: None,
             }),
+            bell,
         });
         let rstream = stream.try_clone().map_err(connect_err)?;
         let rshared = shared.clone();
@@ -585,6 +690,7 @@ impl Client {
                 chunk,
                 next_tag: AtomicU64::new(1),
                 reader: Mutex::new(Some(reader)),
+                shm: session,
             }),
         })
     }
@@ -677,6 +783,9 @@ impl Client {
         if buf.is_empty() {
             return Ok(0);
         }
+        if let Some(r) = self.shm_rw(h, offset, ShmRw::Read(buf)) {
+            return r;
+        }
         let chunks = self.chunks(offset, buf.len())?;
         let mut queue: VecDeque<(usize, usize, Receiver<Reply>)> = VecDeque::new();
         let mut next = 0;
@@ -733,6 +842,9 @@ impl Client {
         self.check_handle(h)?;
         if buf.is_empty() {
             return Ok(0);
+        }
+        if let Some(r) = self.shm_rw(h, offset, ShmRw::Write(buf)) {
+            return r;
         }
         let chunks = self.chunks(offset, buf.len())?;
         let mut queue: VecDeque<(usize, usize, Receiver<Reply>)> = VecDeque::new();
@@ -898,6 +1010,170 @@ impl Client {
             .filter(|l| !l.is_empty())
             .map(str::to_owned)
             .collect())
+    }
+
+    /// Whether the shared-memory transport is on ([`Client::connect_shm`]).
+    pub fn has_shm(&self) -> bool {
+        self.inner.shm.is_some()
+    }
+
+    /// What the server set up for the shared-memory session.
+    pub fn shm_info(&self) -> Option<ShmInfo> {
+        self.inner.shm.as_ref().map(|s| *s.info())
+    }
+
+    fn session(&self) -> Result<&Session, ClientError> {
+        self.inner
+            .shm
+            .as_ref()
+            .ok_or_else(|| ClientError::from_errno(EOPNOTSUPP))
+    }
+
+    /// A buffer of `len` bytes in the arena (4 KiB-aligned, contents unspecified). `ENOMEM`
+    /// when the arena has no room, `EOPNOTSUPP` without a shared-memory session.
+    pub fn alloc_buf(&self, len: usize) -> Result<ArenaBuf, ClientError> {
+        self.session()?.alloc_buf(len)
+    }
+
+    fn prep_io(
+        &self,
+        opcode: u8,
+        h: &Handle,
+        offset: u64,
+        buf: ArenaBuf,
+    ) -> Result<Ticket, PrepError> {
+        let s = match self
+            .session()
+            .and_then(|s| self.check_handle(h).map(|()| s))
+        {
+            Ok(s) => s,
+            Err(error) => {
+                return Err(PrepError {
+                    error,
+                    buf: Some(buf),
+                });
+            }
+        };
+        if offset.checked_add(buf.len() as u64).is_none() {
+            return Err(PrepError {
+                error: ClientError::from_errno(EINVAL),
+                buf: Some(buf),
+            });
+        }
+        s.prep(opcode, h.id, offset, Some(buf), false)
+    }
+
+    /// Queues a read of `buf.len()` bytes at `offset` into `buf` (an arena buffer of this
+    /// client); nothing is sent before [`Client::submit`]. The buffer comes back in the
+    /// completion. Fails (with the buffer back) without a free request slot (`EAGAIN`: reap
+    /// first), for a foreign or empty buffer (`EINVAL`), or a foreign handle (`EBADF`).
+    pub fn prep_read(&self, h: &Handle, offset: u64, buf: ArenaBuf) -> Result<Ticket, PrepError> {
+        self.prep_io(shm::op::READ, h, offset, buf)
+    }
+
+    /// Queues a write of `buf` at `offset`; see [`Client::prep_read`].
+    pub fn prep_write(&self, h: &Handle, offset: u64, buf: ArenaBuf) -> Result<Ticket, PrepError> {
+        self.prep_io(shm::op::WRITE, h, offset, buf)
+    }
+
+    /// Queues an fsync of the handle's disk: when it completes, every write that completed
+    /// before it was submitted is durable.
+    pub fn prep_fsync(&self, h: &Handle) -> Result<Ticket, ClientError> {
+        let s = self.session()?;
+        self.check_handle(h)?;
+        s.prep(shm::op::FSYNC, h.id, 0, None, false)
+            .map_err(|e| e.error)
+    }
+
+    /// Sends every queued request to the server (a system call only if the server sleeps).
+    /// Returns how many were sent.
+    pub fn submit(&self) -> Result<usize, ClientError> {
+        if let Some(e) = self.inner.shared.dead() {
+            return Err(e);
+        }
+        self.session()?.submit()
+    }
+
+    /// Waits until at least `min` queued requests finished (or `timeout` passed; `None`
+    /// waits as long as it takes) and appends their completions to `out`, returning how many
+    /// it added (possibly more than `min`, fewer after a timeout). Does not allocate when
+    /// `out` has room. Fails if the connection is lost or the server broke the ring's rules.
+    pub fn reap(
+        &self,
+        min: usize,
+        timeout: Option<Duration>,
+        out: &mut Vec<Completion>,
+    ) -> Result<usize, ClientError> {
+        let shared = &self.inner.shared;
+        self.session()?.reap(min, timeout, out, &|| shared.dead())
+    }
+
+    /// `read_at`/`write_at` through the shared-memory session, one bounce copy per piece.
+    /// `None`: no session, or no room in the arena (the caller uses the socket).
+    fn shm_rw(
+        &self,
+        h: &Handle,
+        offset: u64,
+        mut io: ShmRw<'_>,
+    ) -> Option<Result<usize, ClientError>> {
+        let s = self.inner.shm.as_ref()?;
+        let total_len = io.len();
+        if offset.checked_add(total_len as u64).is_none() {
+            return Some(Err(ClientError::from_errno(EINVAL)));
+        }
+        let piece_max = (s.info().max_io as usize).min(SHM_BOUNCE_MAX);
+        let mut bounce = s.alloc_buf(total_len.min(piece_max)).ok()?;
+        let shared = &self.inner.shared;
+        let mut done = 0usize;
+        while done < total_len {
+            let n = (total_len - done).min(bounce.capacity());
+            bounce.set_len(n);
+            let pos = offset + done as u64;
+            let opcode = match &io {
+                ShmRw::Read(_) => shm::op::READ,
+                ShmRw::Write(src) => {
+                    bounce.copy_from_slice(&src[done..done + n]);
+                    shm::op::WRITE
+                }
+            };
+            let ticket = match s.prep(opcode, h.id, pos, Some(bounce), true) {
+                Ok(t) => t,
+                Err(PrepError {
+                    error,
+                    buf: Some(b),
+                }) if error.errno() == Some(EAGAIN) && done == 0 => {
+                    // Every slot busy with prepared requests: use the socket instead.
+                    drop(b);
+                    return None;
+                }
+                Err(e) => return Some(Err(e.error)),
+            };
+            if let Err(e) = s.submit() {
+                return Some(Err(e));
+            }
+            let c = match s.wait_sync(ticket, &|| shared.dead()) {
+                Ok(c) => c,
+                Err(e) => return Some(Err(e)),
+            };
+            let Some(b) = c.buf else {
+                return Some(Err(protocol_err("completion lost its buffer")));
+            };
+            bounce = b;
+            let got = match c.result {
+                Ok(got) => got,
+                // The end of the device exactly at a piece boundary: a short write.
+                Err(e) if done > 0 && e.errno() == Some(ENOSPC) => return Some(Ok(done)),
+                Err(e) => return Some(Err(e)),
+            };
+            if let ShmRw::Read(dst) = &mut io {
+                dst[done..done + got].copy_from_slice(&bounce[..got]);
+            }
+            done += got;
+            if got < n {
+                break; // end of device
+            }
+        }
+        Some(Ok(done))
     }
 
     /// Opens `path` for status only (`O_STAT`: no I/O, no locks) and returns its status.

@@ -61,6 +61,12 @@
 //! | 8  | Fpath | handle                           | 0                    | path (UTF-8)           |
 //! | 9  | Close | handle                           | 0                    | —                      |
 //! | 10 | Stats | —                                | 0                    | driver counters (UTF-8 text) |
+//! | 11 | ShmSetup | arg: arena bytes (0: default) | arena bytes          | [`crate::shm::ShmInfo`], 4 fds attached |
+//!
+//! ShmSetup starts the shared-memory transport for the connection (see [`crate::shm`]): the
+//! reply frame carries the ring, arena and two doorbell descriptors (SCM_RIGHTS, attached to
+//! its first byte). A server without arenas replies `EOPNOTSUPP`; a second ShmSetup on one
+//! connection gets `EEXIST`; no arena available gets `ENOMEM` (or the provider's errno).
 //!
 //! The Open path is the path inside the scheme (`""`, `"/"`, `"/0"`, `"0p1"`); the client library
 //! strips a `disk.virtio-scsi:` prefix after checking it against the scheme name from Hello.
@@ -138,6 +144,8 @@ pub enum Opcode {
     Close = 9,
     /// Driver counters.
     Stats = 10,
+    /// Start the shared-memory transport.
+    ShmSetup = 11,
 }
 
 impl Opcode {
@@ -154,6 +162,7 @@ impl Opcode {
             8 => Opcode::Fpath,
             9 => Opcode::Close,
             10 => Opcode::Stats,
+            11 => Opcode::ShmSetup,
             _ => return None,
         })
     }
@@ -171,6 +180,7 @@ impl Opcode {
             Opcode::Fpath => "fpath",
             Opcode::Close => "close",
             Opcode::Stats => "stats",
+            Opcode::ShmSetup => "shm-setup",
         }
     }
 }
@@ -202,6 +212,8 @@ pub enum Request {
     Close { handle: u64 },
     /// Driver counters.
     Stats,
+    /// Start the shared-memory transport with an arena of `arena_bytes` (0: server default).
+    ShmSetup { arena_bytes: u64 },
 }
 
 impl Request {
@@ -218,6 +230,7 @@ impl Request {
             Request::Fpath { .. } => Opcode::Fpath,
             Request::Close { .. } => Opcode::Close,
             Request::Stats => Opcode::Stats,
+            Request::ShmSetup { .. } => Opcode::ShmSetup,
         }
     }
 
@@ -237,6 +250,7 @@ impl Request {
         let (handle, offset, arg) = match *self {
             Request::Hello { .. } | Request::Stats => (0, 0, 0),
             Request::Open { flags, .. } => (0, 0, flags),
+            Request::ShmSetup { arena_bytes } => (0, 0, arena_bytes),
             Request::Read {
                 handle,
                 offset,
@@ -484,6 +498,7 @@ impl RequestHeader {
                 (true, false, false, 0, EMSGSIZE)
             }
             Opcode::Stats => (false, false, false, 0, EMSGSIZE),
+            Opcode::ShmSetup => (false, false, true, 0, EMSGSIZE),
         };
         if plen > cap {
             return err(
@@ -560,6 +575,9 @@ impl RequestHeader {
             Opcode::Fpath => Request::Fpath { handle: h },
             Opcode::Close => Request::Close { handle: h },
             Opcode::Stats => Request::Stats,
+            Opcode::ShmSetup => Request::ShmSetup {
+                arena_bytes: self.arg,
+            },
         })
     }
 }

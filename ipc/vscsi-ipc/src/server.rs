@@ -10,6 +10,11 @@
 //! down) and a writer thread (writes each encoded reply as one whole frame). Workers never
 //! touch a socket, so a client that stops reading its replies stalls only its own connection,
 //! never the worker pool.
+//!
+//! With an [`ArenaProvider`] configured, a connection may also start the shared-memory
+//! transport (`ShmSetup`, see [`crate::shm`] and [`crate::shm_server`]): its reader thread sets
+//! the session up, a per-connection poller thread takes submissions from the ring, and a
+//! separate pool of shm workers runs them. The session ends with the connection.
 
 use std::collections::HashMap;
 use std::fs;
@@ -29,12 +34,15 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 use rustix::event::{PollFd, PollFlags, poll};
 use rustix::net::SendFlags;
-use syscall::error::{EBADF, EINVAL, EIO, ENAMETOOLONG, EPROTO, ESHUTDOWN, EUSERS};
+use syscall::error::{
+    EBADF, EEXIST, EINVAL, EIO, ENAMETOOLONG, EOPNOTSUPP, EPROTO, ESHUTDOWN, EUSERS,
+};
 
 use crate::protocol::{
     self, MAX_NAME, MAX_PATH, MAX_PAYLOAD, Opcode, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, ReadError,
     Reply, ReplyHeader, Request,
 };
+use crate::shm_server::{self, ArenaProvider, JobQueue, ShmHandle, ShmService};
 
 /// Default number of worker threads.
 pub const DEFAULT_WORKERS: usize = 64;
@@ -42,6 +50,11 @@ pub const DEFAULT_WORKERS: usize = 64;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default cap on requests in flight per connection.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CONN: usize = 256;
+/// Default (and largest) arena of a shared-memory session, in bytes.
+pub const DEFAULT_ARENA_BYTES: usize = 32 << 20;
+/// Default longest time a shared-memory poller spins before it sleeps, on machines where
+/// spinning pays ([`crate::shm::spin_worthwhile`]; elsewhere the default is 0).
+pub const DEFAULT_SHM_SPIN: Duration = Duration::from_micros(50);
 /// Default permissions of the socket file.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 /// Cap on request and reply bytes in flight per connection (the reader stops reading once it
@@ -77,21 +90,48 @@ pub fn default_socket_path() -> PathBuf {
 }
 
 /// How the server listens and how much it lets clients do at once.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// Where the socket file goes.
     pub socket_path: PathBuf,
-    /// Worker threads running scheme calls (0 is taken as 1).
+    /// Worker threads running scheme calls (0 is taken as 1). With arenas, as many again run
+    /// the shared-memory sessions' requests (a separate pool, shared by all sessions).
     pub workers: usize,
     /// Open connections allowed; more are accepted, told `EUSERS` and closed (0 is taken as 1).
     pub max_connections: usize,
     /// Requests in flight per connection before the server stops reading it (0 is taken as 1).
+    /// Also the most requests a shared-memory session runs at once (its rings get the next
+    /// power of two, at most 4096, as entries).
     pub max_in_flight_per_conn: usize,
     /// Permissions of the socket file, e.g. `0o660`.
     pub socket_mode: u32,
     /// Pin worker `i` to the `i mod n`-th CPU this process may run on, so that the CPU a
     /// request is submitted from (which the driver's queue steering uses) is the worker's.
     pub pin_workers: bool,
+    /// Where shared-memory arenas come from; `None` (the default): clients asking for the
+    /// shared-memory transport get `EOPNOTSUPP` and keep using the socket.
+    pub arena: Option<Arc<dyn ArenaProvider>>,
+    /// Arena size a session gets by default, and the most a client may ask for.
+    pub arena_bytes: usize,
+    /// Longest time a session's poller spins on an empty ring before it sleeps (adaptive
+    /// below this); 0 never spins.
+    pub shm_spin: Duration,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("socket_path", &self.socket_path)
+            .field("workers", &self.workers)
+            .field("max_connections", &self.max_connections)
+            .field("max_in_flight_per_conn", &self.max_in_flight_per_conn)
+            .field("socket_mode", &format_args!("{:o}", self.socket_mode))
+            .field("pin_workers", &self.pin_workers)
+            .field("arena", &self.arena.is_some())
+            .field("arena_bytes", &self.arena_bytes)
+            .field("shm_spin", &self.shm_spin)
+            .finish()
+    }
 }
 
 impl ServerConfig {
@@ -104,6 +144,13 @@ impl ServerConfig {
             max_in_flight_per_conn: DEFAULT_MAX_IN_FLIGHT_PER_CONN,
             socket_mode: DEFAULT_SOCKET_MODE,
             pin_workers: false,
+            arena: None,
+            arena_bytes: DEFAULT_ARENA_BYTES,
+            shm_spin: if crate::shm::spin_worthwhile() {
+                DEFAULT_SHM_SPIN
+            } else {
+                Duration::ZERO
+            },
         }
     }
 }
@@ -116,7 +163,7 @@ impl Default for ServerConfig {
 }
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves consistent state.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -357,17 +404,45 @@ impl<D: BlockDevice> Server<D> {
         let limits = Limits {
             max_in_flight: self.config.max_in_flight_per_conn.max(1),
         };
+        let mut shm_workers = Vec::new();
+        let shm_queue = Arc::new(JobQueue::new(
+            self.config.workers.max(1) * 2,
+            self.config.workers.max(1),
+        ));
+        let shm = match &self.config.arena {
+            None => None,
+            Some(provider) => {
+                let n = self.config.workers.max(1);
+                match shm_server::spawn_workers(&self.scheme, &shm_queue, n) {
+                    Ok(w) => shm_workers = w,
+                    Err(e) => {
+                        shm_queue.close();
+                        self.remove_socket_file();
+                        return Err(e);
+                    }
+                }
+                Some(Arc::new(ShmService {
+                    provider: provider.clone(),
+                    arena_bytes: self.config.arena_bytes.max(4096),
+                    max_in_flight: u32::try_from(limits.max_in_flight).unwrap_or(u32::MAX),
+                    spin: self.config.shm_spin,
+                    jobs: shm_queue.clone(),
+                }))
+            }
+        };
         let next_id = AtomicU64::new(1);
 
-        let result = self.accept_loop(&listener, &registry, &job_tx, limits, &next_id);
+        let result = self.accept_loop(&listener, &registry, &job_tx, &shm, limits, &next_id);
 
         // Stop accepting: nobody can reach us by path, and queued connections are refused.
         self.remove_socket_file();
         drop(listener);
         self.drain(&registry);
         drop(job_tx);
+        drop(shm);
+        shm_queue.close();
         let deadline = Instant::now() + SHUTDOWN_FORCE_GRACE;
-        for w in workers {
+        for w in workers.into_iter().chain(shm_workers) {
             while !w.is_finished() && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(5));
             }
@@ -418,6 +493,7 @@ impl<D: BlockDevice> Server<D> {
         listener: &UnixListener,
         registry: &Arc<Registry>,
         job_tx: &Sender<Job>,
+        shm: &Option<Arc<ShmService>>,
         limits: Limits,
         next_id: &AtomicU64,
     ) -> io::Result<()> {
@@ -442,7 +518,7 @@ impl<D: BlockDevice> Server<D> {
             }
             loop {
                 match listener.accept() {
-                    Ok((stream, _)) => self.admit(stream, registry, job_tx, limits, next_id),
+                    Ok((stream, _)) => self.admit(stream, registry, job_tx, shm, limits, next_id),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e)
                         if matches!(
@@ -465,6 +541,7 @@ impl<D: BlockDevice> Server<D> {
         stream: UnixStream,
         registry: &Arc<Registry>,
         job_tx: &Sender<Job>,
+        shm: &Option<Arc<ShmService>>,
         limits: Limits,
         next_id: &AtomicU64,
     ) {
@@ -497,6 +574,7 @@ impl<D: BlockDevice> Server<D> {
             flight: Mutex::new(Flight { count: 0, bytes: 0 }),
             flight_cv: Condvar::new(),
             out_tx,
+            shm: Mutex::new(None),
         });
         {
             let mut conns = lock(&registry.conns);
@@ -522,12 +600,13 @@ impl<D: BlockDevice> Server<D> {
         let scheme = self.scheme.clone();
         let reg = registry.clone();
         let jobs = job_tx.clone();
+        let shm = shm.clone();
         let conn2 = conn.clone();
         let spawned = thread::Builder::new()
             .name(format!("vscsi-conn-{id}"))
             .stack_size(CONN_STACK)
             .spawn(move || {
-                serve_connection(&scheme, &conn2, &jobs, limits, out_rx);
+                serve_connection(&scheme, &conn2, &jobs, shm.as_deref(), limits, out_rx);
                 lock(&reg.conns).remove(&conn2.id);
                 reg.cv.notify_all();
             });
@@ -612,7 +691,7 @@ struct Limits {
 /// One open scheme handle owned by a connection. Operations hold the read lock for the length
 /// of the scheme call; Close takes the write lock, so a handle id is never closed (and possibly
 /// reused by the scheme for someone else) while an operation of this connection still uses it.
-type HandleSlot = Arc<RwLock<Option<usize>>>;
+pub(crate) type HandleSlot = Arc<RwLock<Option<usize>>>;
 
 struct Handles {
     /// Set at teardown: handles opened afterwards are closed at once.
@@ -628,18 +707,22 @@ struct Flight {
 enum Out {
     /// An encoded reply frame; `cost` is released from the in-flight bounds once written.
     Frame { bytes: Vec<u8>, cost: Option<u64> },
+    /// An encoded reply frame with descriptors attached to its first byte.
+    FrameFds { bytes: Vec<u8>, fds: Vec<OwnedFd> },
     /// No more frames will come.
     Stop,
 }
 
-struct Conn {
-    id: u64,
-    stream: UnixStream,
-    ctx: CallerCtx,
+pub(crate) struct Conn {
+    pub(crate) id: u64,
+    pub(crate) stream: UnixStream,
+    pub(crate) ctx: CallerCtx,
     handles: Mutex<Handles>,
     flight: Mutex<Flight>,
     flight_cv: Condvar,
     out_tx: Sender<Out>,
+    /// The shared-memory session, if the client started one.
+    shm: Mutex<Option<ShmHandle>>,
 }
 
 impl Conn {
@@ -680,7 +763,7 @@ impl Conn {
         }
     }
 
-    fn slot(&self, handle: u64) -> Option<HandleSlot> {
+    pub(crate) fn slot(&self, handle: u64) -> Option<HandleSlot> {
         lock(&self.handles).map.get(&handle).cloned()
     }
 }
@@ -816,6 +899,8 @@ fn execute<D: BlockDevice>(scheme: &DiskScheme<D>, conn: &Conn, tag: u64, req: R
             Ok(ok_frame(op, tag, 0, p.into_bytes()))
         }),
         Request::Close { handle } => close(scheme, conn, tag, handle),
+        // Handled by the reader thread; never dispatched.
+        Request::ShmSetup { .. } => Err(syscall::error::Error::new(EPROTO)),
         Request::Stats => {
             let text = scheme.device().stats();
             if text.len() > MAX_PAYLOAD {
@@ -885,6 +970,7 @@ fn serve_connection<D: BlockDevice>(
     scheme: &DiskScheme<D>,
     conn: &Arc<Conn>,
     jobs: &Sender<Job>,
+    shm: Option<&ShmService>,
     limits: Limits,
     out_rx: Receiver<Out>,
 ) {
@@ -904,9 +990,15 @@ fn serve_connection<D: BlockDevice>(
         }
     };
     if writer.is_some() {
-        read_requests(scheme, conn, jobs, limits);
+        read_requests(scheme, conn, jobs, shm, limits);
     }
-    // Teardown: no more requests will be read. Let those in flight finish and be written.
+    // Teardown: no more requests will be read. Stop the shared-memory session (its requests
+    // finish first, then the arena is given back), let the socket's requests finish and be
+    // written.
+    let session = lock(&conn.shm).take();
+    if let Some(s) = session {
+        s.shutdown();
+    }
     conn.wait_idle();
     let left: Vec<HandleSlot> = {
         let mut h = lock(&conn.handles);
@@ -941,6 +1033,7 @@ fn read_requests<D: BlockDevice>(
     scheme: &DiskScheme<D>,
     conn: &Arc<Conn>,
     jobs: &Sender<Job>,
+    shm: Option<&ShmService>,
     limits: Limits,
 ) {
     let mut reader = &conn.stream;
@@ -966,6 +1059,9 @@ fn read_requests<D: BlockDevice>(
                     Reply::ok(Opcode::Hello, tag, MAX_PAYLOAD as u64, name).encode(),
                     None,
                 );
+            }
+            Ok(Some((tag, Request::ShmSetup { arena_bytes }))) if hello_done => {
+                shm_setup(conn, shm, tag, arena_bytes);
             }
             Ok(Some((tag, req))) => {
                 if !hello_done {
@@ -1011,6 +1107,47 @@ fn read_requests<D: BlockDevice>(
     }
 }
 
+/// Starts the shared-memory session of `conn` and sends the reply with its descriptors.
+fn shm_setup(conn: &Arc<Conn>, shm: Option<&ShmService>, tag: u64, arena_bytes: u64) {
+    let op = Some(Opcode::ShmSetup);
+    let Some(svc) = shm else {
+        conn.send(Reply::error(op, tag, EOPNOTSUPP).encode(), None);
+        return;
+    };
+    let mut slot = lock(&conn.shm);
+    if slot.is_some() {
+        drop(slot);
+        conn.send(Reply::error(op, tag, EEXIST).encode(), None);
+        return;
+    }
+    match shm_server::setup(svc, conn, arena_bytes) {
+        Ok((info, fds, handle)) => {
+            *slot = Some(handle);
+            drop(slot);
+            debug!(
+                "connection {}: shared-memory session, {} arena bytes, {} ring entries",
+                conn.id, info.arena_len, info.sq_entries
+            );
+            let bytes = Reply::ok(
+                Opcode::ShmSetup,
+                tag,
+                info.arena_len,
+                info.encode().to_vec(),
+            )
+            .encode();
+            let _ = conn.out_tx.send(Out::FrameFds { bytes, fds });
+        }
+        Err(e) => {
+            drop(slot);
+            warn!(
+                "connection {} (pid {}): no shared-memory session: {}",
+                conn.id, conn.ctx.pid, e.why
+            );
+            conn.send(Reply::error(op, tag, e.errno).encode(), None);
+        }
+    }
+}
+
 fn refuse(conn: &Conn, tag: u64, op: Option<Opcode>, errno: i32, why: &str) {
     warn!(
         "connection {} (pid {}): {why}; closing it",
@@ -1024,6 +1161,23 @@ fn write_replies(conn: &Conn, rx: Receiver<Out>) {
     for out in rx.iter() {
         match out {
             Out::Stop => break,
+            Out::FrameFds { bytes, fds } => {
+                if !dead {
+                    let borrowed = crate::shm::borrow_all(&fds);
+                    if let Err(e) =
+                        crate::shm::send_with_fds(conn.stream.as_fd(), &bytes, &borrowed)
+                    {
+                        debug!(
+                            "connection {}: write failed: {e}; dropping replies",
+                            conn.id
+                        );
+                        dead = true;
+                        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+                // Our copies of the descriptors close here; the client has its own.
+                drop(fds);
+            }
             Out::Frame { bytes, cost } => {
                 if !dead && let Err(e) = send_all(&conn.stream, &bytes, SendFlags::empty()) {
                     debug!(

@@ -1,7 +1,8 @@
 //! `vscsi`: command-line client for the `disk.virtio-scsi` block scheme served by virtio-scsid.
 //!
 //! Owns: argument parsing, number parsing (decimal, `0x` hex, K/M/G/T suffixes), streaming
-//! reads to stdout and writes from stdin in chunks, and one-line error reporting
+//! reads to stdout and writes from stdin in chunks, `ls`/`stat` as text or JSON (`--json`),
+//! and one-line error reporting
 //! (`vscsi: read disk.virtio-scsi:/7: No such file or directory (ENOENT)`, exit status 1;
 //! bad usage exits with 2).
 
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod bench;
+mod copy;
 
 use clap::{Parser, Subcommand};
 use syscall::flag::{MODE_DIR, MODE_FILE, MODE_PERM, MODE_TYPE};
@@ -45,11 +47,20 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// List the disks with their size and block size
-    Ls,
+    Ls {
+        /// Print one JSON array of {name, path, size, block_size, blocks, mode, kind,
+        /// permissions}
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a disk's size, block size, block count and mode
     Stat {
         /// The disk, e.g. disk.virtio-scsi:/0
         path: String,
+        /// Print one JSON object {path, size, block_size, blocks, mode, kind, permissions,
+        /// uid, gid}
+        #[arg(long)]
+        json: bool,
     },
     /// Copy LENGTH bytes at OFFSET of a disk to standard output
     Read {
@@ -74,6 +85,40 @@ enum Cmd {
     Sync {
         /// The disk, e.g. disk.virtio-scsi:/0
         path: String,
+    },
+    /// Copy a host file to a disk or a disk to a host file, then read the destination back
+    /// and print the CRC32C of what it holds
+    #[command(after_help = "\
+Examples:
+  vscsi copy ./image.raw disk.virtio-scsi:/0 --offset 1M
+  vscsi copy disk.virtio-scsi:/0 ./backup.raw --offset 0 --length 64M
+
+A disk is written SCHEME:/N (disk.virtio-scsi:/0) or /scheme/SCHEME/N; anything else is a host
+file (write ./a:b for a file whose name has a colon). One side must be a disk, the other a file.
+A destination file is created or truncated to the length copied (a device keeps its size).
+
+The copy moves --chunk bytes per request, --depth requests in flight. Then the destination is
+flushed (SYNCHRONIZE CACHE on a disk, fsync on a file) and the copied range is READ BACK from the
+destination: the printed CRC32C (Castagnoli) is computed over those read-back bytes, not over
+what was sent, and it is compared with the CRC32C of the bytes read from the source; a mismatch
+is an error (exit status 1). A progress bar is drawn on stderr when stderr is a terminal.")]
+    Copy {
+        /// Source: a host file, or a disk like disk.virtio-scsi:/0
+        src: String,
+        /// Destination: a disk like disk.virtio-scsi:/0, or a host file
+        dst: String,
+        /// Byte offset on the disk: where the file's bytes go, or where reading starts
+        #[arg(long, value_parser = parse_num, default_value = "0")]
+        offset: u64,
+        /// Bytes to copy [default: the whole file, or the disk from --offset to its end]
+        #[arg(long, value_parser = parse_num)]
+        length: Option<u64>,
+        /// Bytes per request
+        #[arg(long, value_parser = parse_num, default_value = "4M")]
+        chunk: u64,
+        /// Requests in flight
+        #[arg(long, default_value_t = copy::DEFAULT_DEPTH)]
+        depth: usize,
     },
     /// Show the driver's counters: per-queue submissions and completions, steering
     Stats,
@@ -100,6 +145,20 @@ enum Cmd {
         /// Print one JSON object (iops, mb_s, lat_p50_us, lat_p99_us, lat_p999_us, ...)
         #[arg(long)]
         json: bool,
+        /// Transport: socket (data copied through the socket), shm (arena buffers, batched
+        /// asynchronous submission: zero-copy), shm-copy (shared-memory rings, ordinary
+        /// buffers: one copy through the arena)
+        #[arg(long, value_enum, default_value = "socket")]
+        ipc: bench::Ipc,
+    },
+    /// Serve every disk and partition as an NBD export (names 0, 1, 0p0, ...) until SIGTERM
+    Nbd {
+        /// Where to listen: unix:PATH or tcp:HOST:PORT (loopback only); may be repeated
+        #[arg(long, required = true, value_name = "ADDR")]
+        listen: Vec<nbd_gateway::ListenAddr>,
+        /// Requests of one NBD connection executed at once
+        #[arg(long, default_value_t = nbd_gateway::DEFAULT_WORKERS)]
+        workers: usize,
     },
 }
 
@@ -181,7 +240,28 @@ fn connect(socket: &Option<PathBuf>) -> Result<Client, Failure> {
     })
 }
 
-fn ls(c: &Client) -> Result<(), Failure> {
+/// A disk's status as JSON (`ls --json` entries, `stat --json`).
+fn stat_json(path: &str, st: &vscsi_ipc::Stat) -> serde_json::Map<String, serde_json::Value> {
+    let kind = match st.mode & MODE_TYPE {
+        MODE_DIR => "directory",
+        MODE_FILE => "disk",
+        _ => "other",
+    };
+    let mut m = serde_json::Map::new();
+    m.insert("path".into(), path.into());
+    m.insert("size".into(), st.size.into());
+    m.insert("block_size".into(), st.block_size.into());
+    m.insert("blocks".into(), st.blocks.into());
+    m.insert("mode".into(), st.mode.into());
+    m.insert("kind".into(), kind.into());
+    m.insert(
+        "permissions".into(),
+        format!("{:03o}", st.mode & MODE_PERM).into(),
+    );
+    m
+}
+
+fn ls(c: &Client, json: bool) -> Result<(), Failure> {
     let entries = c
         .list(SCHEME)
         .map_err(|e| fail(format!("ls {SCHEME}"), e))?;
@@ -191,9 +271,16 @@ fn ls(c: &Client) -> Result<(), Failure> {
         "{:<24} {:>16} {:>6}  {}",
         "DISK", "BYTES", "BLOCK", "SIZE"
     )];
+    let mut objects = Vec::new();
     for entry in entries {
         let path = format!("{SCHEME}:/{entry}");
         match c.stat_path(&path) {
+            Ok(st) if json => {
+                let mut m = serde_json::Map::new();
+                m.insert("name".into(), entry.as_str().into());
+                m.extend(stat_json(&path, &st));
+                objects.push(serde_json::Value::Object(m));
+            }
             Ok(st) => lines.push(format!(
                 "{path:<24} {:>16} {:>6}  {}",
                 st.size,
@@ -205,6 +292,9 @@ fn ls(c: &Client) -> Result<(), Failure> {
                 first_err.get_or_insert(fail(format!("ls {path}"), e));
             }
         }
+    }
+    if json {
+        lines = vec![serde_json::Value::Array(objects).to_string()];
     }
     for l in lines {
         writeln!(out, "{l}").map_err(|e| fail("writing to standard output", e))?;
@@ -219,7 +309,7 @@ fn ls(c: &Client) -> Result<(), Failure> {
     }
 }
 
-fn stat(c: &Client, path: &str) -> Result<(), Failure> {
+fn stat(c: &Client, path: &str, json: bool) -> Result<(), Failure> {
     let ctx = || format!("stat {path}");
     let h = c
         .open_with_flags(path, syscall::flag::O_STAT)
@@ -227,14 +317,21 @@ fn stat(c: &Client, path: &str) -> Result<(), Failure> {
     let st = c.stat(&h).map_err(|e| fail(ctx(), e))?;
     let canonical = c.fpath(&h).map_err(|e| fail(ctx(), e))?;
     c.close(h).map_err(|e| fail(ctx(), e))?;
-    let text = format!(
-        "path:       {canonical}\nsize:       {} ({})\nblock size: {}\nblocks:     {}\nmode:       {}\n",
-        st.size,
-        human(st.size),
-        st.block_size,
-        st.blocks,
-        mode_string(st.mode)
-    );
+    let text = if json {
+        let mut m = stat_json(&canonical, &st);
+        m.insert("uid".into(), st.uid.into());
+        m.insert("gid".into(), st.gid.into());
+        format!("{}\n", serde_json::Value::Object(m))
+    } else {
+        format!(
+            "path:       {canonical}\nsize:       {} ({})\nblock size: {}\nblocks:     {}\nmode:       {}\n",
+            st.size,
+            human(st.size),
+            st.block_size,
+            st.blocks,
+            mode_string(st.mode)
+        )
+    };
     io::stdout()
         .lock()
         .write_all(text.as_bytes())
@@ -324,13 +421,98 @@ fn sync(c: &Client, path: &str) -> Result<(), Failure> {
     c.close(h).map_err(|e| fail(ctx(), e))
 }
 
+/// `vscsi copy`: see the subcommand's help and copy.rs.
+fn copy(c: &Client, args: copy::CopyArgs) -> Result<(), Failure> {
+    let ctx = format!("copy {} -> {}", args.src, args.dst);
+    let r = copy::run(c, &args).map_err(|e| fail(&ctx, e))?;
+    let secs = r.copy_time.as_secs_f64();
+    let rate = if secs > 0.0 {
+        human((r.bytes as f64 / secs) as u64)
+    } else {
+        "-".to_owned()
+    };
+    let text = format!(
+        "copied {} bytes ({}) {} -> {} (disk offset {}) in {secs:.2} s, flush included \
+         ({rate}/s); read back in {:.2} s\n\
+         crc32c: {:08x} (of the bytes read back from {}; equal to that of the bytes read from {})\n",
+        r.bytes,
+        human(r.bytes),
+        args.src,
+        args.dst,
+        args.offset,
+        r.verify_time.as_secs_f64(),
+        r.crc32c,
+        args.dst,
+        args.src
+    );
+    io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .map_err(|e| fail("writing to standard output", e))
+}
+
 fn stats(c: &Client) -> Result<(), Failure> {
     let text = c.stats().map_err(|e| fail("stats", e))?;
     print!("{text}");
     Ok(())
 }
 
+/// `vscsi nbd`: binds the listening sockets, prints `ready`, serves until SIGTERM/SIGINT
+/// (then finishes the requests in flight, closes every connection and removes its sockets).
+fn nbd(
+    socket: Option<PathBuf>,
+    listen: Vec<nbd_gateway::ListenAddr>,
+    workers: usize,
+) -> Result<(), Failure> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .try_init();
+    // Signals first, so one during start-up is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| fail("nbd: signal handlers", e))?;
+    let daemon = socket.unwrap_or_else(default_socket_path);
+    let (scheme, exports) = nbd_gateway::probe(&daemon).map_err(|e| match e {
+        ClientError::Connect { .. } => fail("nbd", e),
+        e => fail(format!("nbd: {}", daemon.display()), e),
+    })?;
+    let mut config = nbd_gateway::GatewayConfig::new(daemon, listen);
+    config.workers_per_connection = workers;
+    let gateway = nbd_gateway::Gateway::bind(config).map_err(|e| fail("nbd", e))?;
+    let addrs = gateway.local_addrs().map_err(|e| fail("nbd", e))?;
+    let stop = gateway.shutdown_handle();
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            stop.shutdown();
+        }
+    });
+    let names: Vec<String> = exports
+        .iter()
+        .map(|e| {
+            let ro = if e.read_only { ", read-only" } else { "" };
+            format!(
+                "{} ({} bytes, {}-byte blocks{ro})",
+                e.name, e.size, e.block_size
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    let names = if names.is_empty() {
+        "(none yet)".to_owned()
+    } else {
+        names.join(", ")
+    };
+    println!(
+        "vscsi nbd: ready: {scheme} exports {names} on {}",
+        addrs.join(", ")
+    );
+    let _ = io::stdout().flush();
+    gateway.run().map_err(|e| fail("nbd", e))
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
+    if let Cmd::Nbd { listen, workers } = cli.cmd {
+        return nbd(cli.socket, listen, workers);
+    }
     if let Cmd::Bench {
         paths,
         rw,
@@ -339,6 +521,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         jobs,
         runtime,
         json,
+        ipc,
     } = cli.cmd
     {
         let socket = cli.socket.unwrap_or_else(default_socket_path);
@@ -351,6 +534,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             runtime: std::time::Duration::try_from_secs_f64(runtime)
                 .map_err(|e| fail("bench", e))?,
             json,
+            ipc,
         };
         let r = bench::run(&socket, &args).map_err(|e| fail("bench", e))?;
         bench::report(&args, &r);
@@ -358,8 +542,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
     let c = connect(&cli.socket)?;
     match cli.cmd {
-        Cmd::Ls => ls(&c),
-        Cmd::Stat { path } => stat(&c, &path),
+        Cmd::Ls { json } => ls(&c, json),
+        Cmd::Stat { path, json } => stat(&c, &path, json),
+        Cmd::Copy {
+            src,
+            dst,
+            offset,
+            length,
+            chunk,
+            depth,
+        } => copy(
+            &c,
+            copy::CopyArgs {
+                src,
+                dst,
+                offset,
+                length,
+                chunk: usize::try_from(chunk).unwrap_or(usize::MAX),
+                depth,
+            },
+        ),
         Cmd::Read {
             path,
             offset,
@@ -369,6 +571,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Sync { path } => sync(&c, &path),
         Cmd::Stats => stats(&c),
         Cmd::Bench { .. } => Ok(()),
+        Cmd::Nbd { .. } => Ok(()), // served above, without this connection
     }
 }
 

@@ -17,6 +17,14 @@ pub(crate) enum Target {
     Root { listing: Vec<u8> },
     /// A whole disk, by index into [`crate::BlockDevice::disks`].
     Disk { disk: usize },
+    /// Partition `part` of `disk`, as it was when opened: `blocks` blocks from block `start`.
+    /// I/O checks that the disk's current table still has it (else `ENODEV`).
+    Partition {
+        disk: usize,
+        part: usize,
+        start: u64,
+        blocks: u64,
+    },
 }
 
 /// One open handle. Immutable once created; shared as `Arc<Handle>` so an operation can
@@ -31,9 +39,11 @@ pub(crate) struct Handle {
     pub(crate) can_write: bool,
     /// Opened with `O_STAT`: fstat/fsize/fpath/close only, no I/O and no fsync.
     pub(crate) stat_only: bool,
-    /// Who opened it. Kept for the permission checks to come (see `DiskScheme::check_access`)
-    /// and for logs.
+    /// Who opened it (for logs; access was checked at open).
     pub(crate) ctx: CallerCtx,
+    /// The disk and kind this I/O handle holds in the whole-disk/partition exclusion
+    /// (`None` for the root and `O_STAT` handles); released exactly once, at close.
+    pub(crate) holds: Option<(usize, crate::access::Holder)>,
 }
 
 /// The handle table.
@@ -101,6 +111,7 @@ mod tests {
             can_write: false,
             stat_only: false,
             ctx: CallerCtx::default(),
+            holds: None,
         }
     }
 

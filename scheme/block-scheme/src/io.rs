@@ -1,7 +1,7 @@
-//! Byte-granular I/O over a block device: end-of-device clamping, splitting a byte range into
-//! an unaligned head block, whole-block middle chunks (at most [`MAX_IO_CHUNK`] bytes per
-//! device call) and an unaligned tail block, and read-modify-write of the edge blocks under
-//! the disk's [`RangeLock`].
+//! Byte-granular I/O over a region of a block device (a whole disk or one partition):
+//! end-of-region clamping, splitting a byte range into an unaligned head block, whole-block
+//! middle chunks (at most [`MAX_IO_CHUNK`] bytes per device call) and an unaligned tail block,
+//! and read-modify-write of the edge blocks under the disk's [`RangeLock`].
 
 use syscall::error::{EIO, ENOSPC, EROFS, Error};
 
@@ -16,16 +16,24 @@ use crate::{BlockDevice, DiskInfo, Result};
 /// each unaligned edge.
 pub const MAX_IO_CHUNK: usize = 1 << 20;
 
-/// The shape of one disk as the I/O code uses it, all in bytes.
+/// The shape of one region (a whole disk, or a partition of it) as the I/O code uses it.
+///
+/// Every device call for the region is at `base + (offset / block_size)`; offsets are
+/// clamped to `size` first, so I/O through a partition's geometry never reaches outside the
+/// partition (its neighbours, the partition table or past the disk).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Geometry {
     /// Block size in bytes; never 0.
     pub(crate) block_size: u64,
-    /// Addressable size in bytes: `blocks * block_size`, capped at the largest whole number of
-    /// blocks that fits in `u64`, so every byte offset below it is representable and all
-    /// offset arithmetic below `size` cannot overflow.
+    /// Addressable size of the region in bytes: `blocks * block_size`, capped at the largest
+    /// whole number of blocks that fits in `u64`, so every byte offset below it is
+    /// representable and all offset arithmetic below `size` cannot overflow.
     pub(crate) size: u64,
     pub(crate) readonly: bool,
+    /// First block of the region on the disk (0 for a whole disk). Invariant (checked by
+    /// [`Geometry::region`]): `base * block_size + size` fits in `u64` and is at most the
+    /// disk's size.
+    pub(crate) base: u64,
 }
 
 impl Geometry {
@@ -41,7 +49,30 @@ impl Geometry {
             block_size,
             size: blocks * block_size,
             readonly: info.readonly,
+            base: 0,
         })
+    }
+
+    /// The region of `blocks` blocks from block `start` of this (whole-disk) geometry, or
+    /// `None` if any of it lies outside the disk.
+    pub(crate) fn region(&self, start: u64, blocks: u64) -> Option<Self> {
+        let end = start.checked_add(blocks)?;
+        let disk_blocks = self.size / self.block_size;
+        if end > disk_blocks || blocks == 0 {
+            return None;
+        }
+        Some(Self {
+            block_size: self.block_size,
+            size: blocks * self.block_size, // <= self.size
+            readonly: self.readonly,
+            base: self.base + start, // whole disk: base 0, end <= disk blocks
+        })
+    }
+
+    /// The device block of region-relative block `lba` (cannot overflow for `lba` below the
+    /// region's end, by the invariant on `base`).
+    fn abs(&self, lba: u64) -> u64 {
+        self.base + lba
     }
 
     /// The block size as `usize` (it came from a `u32`).
@@ -93,7 +124,7 @@ fn next_piece(geo: &Geometry, pos: u64, remaining: usize) -> Piece {
     }
 }
 
-/// Reads `buf.len()` bytes at byte `offset` of `disk`.
+/// Reads `buf.len()` bytes at byte `offset` of the region `geo` of `disk`.
 ///
 /// Returns the bytes read: `buf.len()` inside the device, fewer when the range crosses the
 /// end, 0 at or after the end or for an empty `buf` (no device call then). Any device error
@@ -113,12 +144,14 @@ pub(crate) fn read_at<D: BlockDevice + ?Sized>(
         let n = match next_piece(geo, pos, len - done) {
             Piece::Partial { lba, in_block, len } => {
                 scratch.resize(geo.bs(), 0);
+                let lba = geo.abs(lba);
                 dev.read_blocks(disk, lba, &mut scratch)
                     .inspect_err(|e| log_err("read", disk, lba, e))?;
                 buf[done..done + len].copy_from_slice(&scratch[in_block..in_block + len]);
                 len
             }
             Piece::Whole { lba, len } => {
+                let lba = geo.abs(lba);
                 dev.read_blocks(disk, lba, &mut buf[done..done + len])
                     .inspect_err(|e| log_err("read", disk, lba, e))?;
                 len
@@ -130,7 +163,7 @@ pub(crate) fn read_at<D: BlockDevice + ?Sized>(
     Ok(len)
 }
 
-/// Writes `buf` at byte `offset` of `disk`.
+/// Writes `buf` at byte `offset` of the region `geo` of `disk`.
 ///
 /// Returns the bytes written: `buf.len()` inside the device, fewer when the range crosses the
 /// end; `ENOSPC` for a non-empty write at or after the end; 0 for an empty `buf` (no device
@@ -163,7 +196,10 @@ pub(crate) fn write_at<D: BlockDevice + ?Sized>(
     let lock_start = offset - offset % bs;
     // `geo.size` is a multiple of the block size, so rounding `end` up stays <= size.
     let lock_end = end.div_ceil(bs).checked_mul(bs).unwrap_or(geo.size);
-    let _held = lock.lock(lock_start, lock_end);
+    // The lock is per disk, so it takes disk-absolute bytes (the region's start added; the
+    // invariant on `base` keeps this in range).
+    let region_start = geo.base * bs;
+    let _held = lock.lock(region_start + lock_start, region_start + lock_end);
 
     let mut scratch = Vec::new();
     let (mut pos, mut done) = (offset, 0usize);
@@ -171,6 +207,7 @@ pub(crate) fn write_at<D: BlockDevice + ?Sized>(
         let n = match next_piece(geo, pos, len - done) {
             Piece::Partial { lba, in_block, len } => {
                 scratch.resize(geo.bs(), 0);
+                let lba = geo.abs(lba);
                 dev.read_blocks(disk, lba, &mut scratch)
                     .inspect_err(|e| log_err("read (for read-modify-write)", disk, lba, e))?;
                 scratch[in_block..in_block + len].copy_from_slice(&buf[done..done + len]);
@@ -179,6 +216,7 @@ pub(crate) fn write_at<D: BlockDevice + ?Sized>(
                 len
             }
             Piece::Whole { lba, len } => {
+                let lba = geo.abs(lba);
                 dev.write_blocks(disk, lba, &buf[done..done + len])
                     .inspect_err(|e| log_err("write", disk, lba, e))?;
                 len

@@ -7,10 +7,20 @@
 //!
 //! # Paths
 //! Inside the scheme: `""` or `"/"` is the root directory, `"N"` / `"/N"` disk `N`, `"NpM"` /
-//! `"/NpM"` partition `M` of disk `N` (parsed, but `ENOENT` until partitions are implemented).
-//! Numbers are canonical decimal (no sign, no leading zeros); anything else is `ENOENT`.
-//! [`DiskScheme::fpath`] returns `"disk.virtio-scsi:"` for the root and `"disk.virtio-scsi:N"`
-//! for a disk, as Redox's `storage/driver-block` does.
+//! `"/NpM"` partition `M` (from 0) of disk `N`. Numbers are canonical decimal (no sign, no
+//! leading zeros); anything else is `ENOENT`. [`DiskScheme::fpath`] returns
+//! `"disk.virtio-scsi:"` for the root, `"disk.virtio-scsi:N"` for a disk and
+//! `"disk.virtio-scsi:NpM"` for a partition, as Redox's `storage/driver-block` does. The root
+//! lists every disk followed by its partitions, one name a line (`"0\n0p0\n0p1\n1\n"`).
+//!
+//! # Partitions
+//! GPT first, then MBR primary partitions, for 512- and 4096-byte blocks (module
+//! `partitions`). A partition handle is a window on its disk: offsets are relative to the
+//! partition's first byte and every end-of-device rule below applies at the partition's end,
+//! so I/O through a partition never reaches a neighbour. Tables are read on first use and
+//! re-read when the disk changes (size, block size, [`BlockDevice::generation`], or any write
+//! through a whole-disk handle). A partition handle whose partition no longer has the same
+//! start and length after such a change gets `ENODEV`.
 //!
 //! # I/O semantics (byte-granular, at any offset and length)
 //! - **Reads**: a read at or after the end of the device returns `Ok(0)` (end of file); a read
@@ -24,8 +34,9 @@
 //! - **Errors**: a device error fails the whole call with the device's errno; a failed write
 //!   never reports any byte as written (blocks before the failing device call may already
 //!   hold the new data, as after any failed write). A read-only disk refuses writes with
-//!   `EROFS`. A disk that disappeared (`disks()` shorter than the handle's index) gives
-//!   `ENODEV`. Offsets up to `u64::MAX` are handled with checked arithmetic.
+//!   `EROFS`. A disk that disappeared (`disks()` shorter than the handle's index, or the
+//!   disk reported with 0 blocks) gives `ENODEV`. Offsets up to `u64::MAX` are handled with
+//!   checked arithmetic.
 //! - **fsync** calls [`BlockDevice::flush`] (SYNCHRONIZE CACHE): when it returns `Ok`, every
 //!   write that completed before it is on the backend.
 //!
@@ -44,21 +55,30 @@
 //! # Concurrency
 //! Every method takes `&self` and may be called from many threads at once. The handle table
 //! lock is never held during device I/O. Reads take no lock. Every write holds the
-//! block-aligned byte range it touches in a per-disk range lock (module `range_lock`) while it
-//! writes: overlapping writes are serialized (so read-modify-write of a shared edge block
-//! never changes a neighbour's bytes, and two overlapping writes never interleave), writes to
-//! disjoint blocks proceed concurrently. A request larger than [`MAX_IO_CHUNK`] is split into
-//! several device calls of at most that size.
+//! block-aligned byte range it touches in a per-disk range lock (module `range_lock`, in
+//! disk-absolute bytes) while it writes: overlapping writes are serialized (so
+//! read-modify-write of a shared edge block never changes a neighbour's bytes, and two
+//! overlapping writes never interleave), writes to disjoint blocks proceed concurrently. A
+//! request larger than [`MAX_IO_CHUNK`] is split into several device calls of at most that
+//! size.
 //!
-//! # Permissions (not enforced yet)
-//! Redox's `driver-block` refuses every open by a uid other than 0 with `EACCES`. This crate
-//! does not enforce anything yet: the caller's [`CallerCtx`] is stored in each handle and
-//! `DiskScheme::check_access` is the single place where the rule will go.
+//! # Locks and permissions (as Redox's `driver-block`)
+//! - Every open is checked against the scheme's [`AccessPolicy`] first (`EACCES`); the
+//!   default, [`AccessPolicy::root_only`], is Redox's rule (uid 0 only).
+//! - A whole-disk I/O handle and a partition I/O handle of the same disk exclude each other:
+//!   opening one while the other kind is open is `ENOLCK`. Any number of handles of one kind
+//!   may be open together. `O_STAT` handles do no I/O and take no part in this (a deliberate
+//!   difference: `driver-block` counts them too, which only makes `stat` fail spuriously).
+//! - A handle opened without write access cannot write (`EBADF`); a read-only disk, and its
+//!   partitions, refuse opens with write access (`EROFS`).
 
+mod access;
 mod handle;
 mod io;
+pub mod partitions;
 mod path;
 mod range_lock;
+mod tables;
 
 #[cfg(test)]
 mod tests;
@@ -66,14 +86,19 @@ mod tests;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use syscall::error::{EBADF, EEXIST, EISDIR, ENODEV, ENOENT, ENOTDIR, EROFS};
+use syscall::error::{EACCES, EBADF, EEXIST, EISDIR, ENODEV, ENOENT, ENOTDIR, EROFS};
 use syscall::flag::{
     MODE_DIR, MODE_FILE, O_CREAT, O_DIRECTORY, O_EXCL, O_RDONLY, O_STAT, O_WRONLY,
 };
 
+use access::{Holder, OpenCounts};
 use handle::{Handle, HandleTable, Target};
 use io::Geometry;
 use range_lock::RangeLock;
+use tables::TableCache;
+
+pub use access::AccessPolicy;
+pub use partitions::{Partition, PartitionTable, TableKind};
 
 pub use io::MAX_IO_CHUNK;
 pub use path::{SchemePath, parse_path, split_scheme_path};
@@ -98,7 +123,8 @@ pub struct DiskInfo {
 /// The disks behind the scheme. Implemented by the driver (through the daemon) over real
 /// hardware. Every method may be called from many threads at once.
 pub trait BlockDevice: Send + Sync + 'static {
-    /// The disks, indexed by disk number (`/0`, `/1`, ...).
+    /// The disks, indexed by disk number (`/0`, `/1`, ...). A disk reported with 0 blocks is
+    /// absent (e.g. unplugged, its number kept for its return): not listed, not openable.
     fn disks(&self) -> Vec<DiskInfo>;
     /// Reads whole blocks starting at `lba`; `buf.len()` is a non-zero multiple of the block
     /// size and the range is inside the disk. Either fills all of `buf` or returns an error.
@@ -111,6 +137,20 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn stats(&self) -> String {
         String::new()
     }
+    /// A number that changes whenever the medium of `disk` may have changed in a way its size
+    /// does not show (a new medium, a hot-swapped LUN, a capacity-changed unit attention).
+    /// The scheme re-reads a disk's partition table when this, its block size or its block
+    /// count changes. The default never changes.
+    fn generation(&self, _disk: usize) -> u64 {
+        0
+    }
+}
+
+/// Disk `disk` if it is present: listed by `disks()` with at least one block. A device keeps
+/// a removed disk's number by reporting it with no blocks (so numbers stay stable across
+/// hotplug); such a disk is absent: not listed, `ENOENT` to open, `ENODEV` for open handles.
+fn present(disks: &[DiskInfo], disk: usize) -> Option<&DiskInfo> {
+    disks.get(disk).filter(|d| d.blocks > 0)
 }
 
 /// Who is calling: from the kernel (Redox) or the socket peer's credentials (host).
@@ -132,6 +172,12 @@ pub struct DiskScheme<D: BlockDevice> {
     name: String,
     device: Arc<D>,
     handles: HandleTable,
+    /// Who may open.
+    access: AccessPolicy,
+    /// Whole-disk vs partition exclusion (`ENOLCK`).
+    opens: OpenCounts,
+    /// Partition tables, re-read when a disk changes.
+    tables: TableCache,
     /// One write range lock per disk index, created on first write. Entries are never removed
     /// (at most one per disk index ever seen), so a lock outlives every write that uses it.
     /// This map's mutex is held only to look up or insert an entry, never while waiting for a
@@ -143,17 +189,27 @@ impl<D: BlockDevice> std::fmt::Debug for DiskScheme<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DiskScheme")
             .field("name", &self.name)
+            .field("access", &self.access)
             .finish_non_exhaustive()
     }
 }
 
 impl<D: BlockDevice> DiskScheme<D> {
-    /// A scheme named `name` (e.g. `"disk.virtio-scsi"`) over `device`.
+    /// A scheme named `name` (e.g. `"disk.virtio-scsi"`) over `device`, with Redox's access
+    /// rule ([`AccessPolicy::root_only`]).
     pub fn new(name: &str, device: Arc<D>) -> Self {
+        Self::with_access(name, device, AccessPolicy::root_only())
+    }
+
+    /// A scheme named `name` over `device` that lets the callers `access` permits open.
+    pub fn with_access(name: &str, device: Arc<D>, access: AccessPolicy) -> Self {
         Self {
             name: name.to_owned(),
             device,
             handles: HandleTable::new(),
+            access,
+            opens: OpenCounts::default(),
+            tables: TableCache::default(),
             range_locks: Mutex::new(HashMap::new()),
         }
     }
@@ -168,15 +224,24 @@ impl<D: BlockDevice> DiskScheme<D> {
         &self.device
     }
 
+    /// Who may open.
+    pub fn access(&self) -> &AccessPolicy {
+        &self.access
+    }
+
     /// Opens `path` (relative to the scheme root, see [`parse_path`]) and returns a handle id.
     ///
     /// Access mode from `flags`: `O_RDONLY`, `O_WRONLY`, `O_RDWR` (`O_ACCMODE` bits; with none
     /// of them the handle can neither read nor write). `O_STAT` opens a handle for
-    /// fstat/fsize/fpath only, whatever the access mode. Errors: `ENOENT` for a malformed path,
-    /// a missing disk or any partition (not implemented yet); `EISDIR` for the root with write
-    /// access; `ENOTDIR` for a disk with `O_DIRECTORY`; `EROFS` for a read-only disk with write
-    /// access (not with `O_STAT`); `EEXIST` for `O_CREAT | O_EXCL` (everything in the scheme
-    /// already exists; `O_CREAT` alone is ignored, `O_TRUNC` too: a disk has a fixed size).
+    /// fstat/fsize/fpath only, whatever the access mode. Errors, in the order checked:
+    /// `EACCES` for a caller the access policy refuses (for any path); `ENOENT` for a
+    /// malformed path, a missing disk or a missing partition; `EISDIR` for the root with write
+    /// access; `ENOTDIR` for a disk or partition with `O_DIRECTORY`; `EEXIST` for
+    /// `O_CREAT | O_EXCL` (everything in the scheme already exists; `O_CREAT` alone is
+    /// ignored, `O_TRUNC` too: a disk has a fixed size); `EROFS` for a read-only disk (or a
+    /// partition of one) with write access (not with `O_STAT`); `ENOLCK` for a whole disk
+    /// while one of its partitions is open, or a partition while its whole disk is open (not
+    /// with `O_STAT`); a device errno if the partition table could not be read.
     pub fn open(&self, path: &str, flags: usize, ctx: &CallerCtx) -> Result<usize> {
         let target = parse_path(path)?;
         self.check_access(target, flags, ctx)?;
@@ -184,8 +249,17 @@ impl<D: BlockDevice> DiskScheme<D> {
         let can_read = !stat_only && flags & O_RDONLY == O_RDONLY;
         let can_write = !stat_only && flags & O_WRONLY == O_WRONLY;
         let exclusive_create = flags & (O_CREAT | O_EXCL) == O_CREAT | O_EXCL;
+        let refuse_dir_and_create = || {
+            if flags & O_DIRECTORY == O_DIRECTORY {
+                return Err(Error::new(ENOTDIR));
+            }
+            if exclusive_create {
+                return Err(Error::new(EEXIST));
+            }
+            Ok(())
+        };
 
-        let target = match target {
+        let (target, holder) = match target {
             SchemePath::Root => {
                 if can_write {
                     return Err(Error::new(EISDIR));
@@ -193,37 +267,57 @@ impl<D: BlockDevice> DiskScheme<D> {
                 if exclusive_create {
                     return Err(Error::new(EEXIST));
                 }
-                Target::Root {
-                    listing: self.listing().into_bytes(),
-                }
+                let listing = self.listing().into_bytes();
+                (Target::Root { listing }, None)
             }
             SchemePath::Disk(disk) => {
                 let disks = self.device.disks();
-                let info = disks.get(disk).ok_or(Error::new(ENOENT))?;
-                if flags & O_DIRECTORY == O_DIRECTORY {
-                    return Err(Error::new(ENOTDIR));
-                }
-                if exclusive_create {
-                    return Err(Error::new(EEXIST));
-                }
+                let info = present(&disks, disk).ok_or(Error::new(ENOENT))?;
+                refuse_dir_and_create()?;
                 let geo = Geometry::of(info)?;
                 if can_write && geo.readonly {
                     return Err(Error::new(EROFS));
                 }
-                // Later (partitions): a whole-disk open conflicts with an open partition of
-                // the same disk and vice versa (ENOLCK), as in Redox's driver-block.
-                Target::Disk { disk }
+                (Target::Disk { disk }, Some((disk, Holder::Whole)))
             }
-            // Partitions come later: parsed, but nothing exists yet.
-            SchemePath::Partition { .. } => return Err(Error::new(ENOENT)),
+            SchemePath::Partition { disk, part } => {
+                let disks = self.device.disks();
+                let info = present(&disks, disk).ok_or(Error::new(ENOENT))?;
+                let geo = Geometry::of(info)?;
+                let table = self.tables.get(&*self.device, disk, info, &geo)?;
+                let p = *table.partitions.get(part).ok_or(Error::new(ENOENT))?;
+                refuse_dir_and_create()?;
+                if can_write && geo.readonly {
+                    return Err(Error::new(EROFS));
+                }
+                let target = Target::Partition {
+                    disk,
+                    part,
+                    start: p.start,
+                    blocks: p.blocks,
+                };
+                (target, Some((disk, Holder::Partition)))
+            }
         };
-        self.handles.insert(Handle {
-            target,
-            can_read,
-            can_write,
-            stat_only,
-            ctx: *ctx,
-        })
+        // O_STAT handles do no I/O and take no part in the whole-disk/partition exclusion.
+        let holds = holder.filter(|_| !stat_only);
+        if let Some((disk, holder)) = holds {
+            self.opens.acquire(disk, holder)?;
+        }
+        self.handles
+            .insert(Handle {
+                target,
+                can_read,
+                can_write,
+                stat_only,
+                ctx: *ctx,
+                holds,
+            })
+            .inspect_err(|_| {
+                if let Some((disk, holder)) = holds {
+                    self.opens.release(disk, holder);
+                }
+            })
     }
 
     /// Reads into `buf` at byte `offset`; see the crate docs for end-of-device behaviour.
@@ -234,24 +328,20 @@ impl<D: BlockDevice> DiskScheme<D> {
         if !handle.can_read {
             return Err(Error::new(EBADF));
         }
-        match handle.target {
-            Target::Root { ref listing } => {
-                let src = usize::try_from(offset)
-                    .ok()
-                    .and_then(|o| listing.get(o..))
-                    .unwrap_or(&[]);
-                let n = src.len().min(buf.len());
-                buf[..n].copy_from_slice(&src[..n]);
-                Ok(n)
-            }
-            Target::Disk { disk } => {
-                if buf.is_empty() {
-                    return Ok(0);
-                }
-                let geo = self.geometry(disk)?;
-                io::read_at(&*self.device, disk, &geo, offset, buf)
-            }
+        if let Target::Root { ref listing } = handle.target {
+            let src = usize::try_from(offset)
+                .ok()
+                .and_then(|o| listing.get(o..))
+                .unwrap_or(&[]);
+            let n = src.len().min(buf.len());
+            buf[..n].copy_from_slice(&src[..n]);
+            return Ok(n);
         }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let (disk, geo) = self.region(&handle.target)?;
+        io::read_at(&*self.device, disk, &geo, offset, buf)
     }
 
     /// Writes `buf` at byte `offset`; see the crate docs for end-of-device behaviour.
@@ -262,124 +352,194 @@ impl<D: BlockDevice> DiskScheme<D> {
         if !handle.can_write {
             return Err(Error::new(EBADF));
         }
-        match handle.target {
-            Target::Root { .. } => Err(Error::new(EBADF)),
-            Target::Disk { disk } => {
-                if buf.is_empty() {
-                    return Ok(0);
-                }
-                let geo = self.geometry(disk)?;
-                let lock = self.range_lock(disk);
-                io::write_at(&*self.device, disk, &geo, &lock, offset, buf)
-            }
+        if let Target::Root { .. } = handle.target {
+            return Err(Error::new(EBADF));
         }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let (disk, geo) = self.region(&handle.target)?;
+        let lock = self.range_lock(disk);
+        let result = io::write_at(&*self.device, disk, &geo, &lock, offset, buf);
+        if let Target::Disk { .. } = handle.target {
+            // It may have rewritten the partition table (even if it failed part way).
+            self.tables.note_write(disk);
+        }
+        result
     }
 
-    /// Makes every write that completed before this call durable ([`BlockDevice::flush`]).
-    /// `Ok` without device I/O for the root; `EBADF` for an `O_STAT` handle.
+    /// Makes every write that completed before this call durable ([`BlockDevice::flush`]),
+    /// for a partition by flushing its disk. `Ok` without device I/O for the root; `EBADF`
+    /// for an `O_STAT` handle.
     pub fn fsync(&self, id: usize) -> Result<()> {
         let handle = self.handles.get(id)?;
         if handle.stat_only {
             return Err(Error::new(EBADF));
         }
-        match handle.target {
-            Target::Root { .. } => Ok(()),
-            Target::Disk { disk } => {
-                self.geometry(disk)?;
-                self.device.flush(disk).inspect_err(|e| {
-                    log::warn!("disk {disk}: flush failed: {e}");
-                })
-            }
+        if let Target::Root { .. } = handle.target {
+            return Ok(());
         }
+        let (disk, _) = self.region(&handle.target)?;
+        self.device.flush(disk).inspect_err(|e| {
+            log::warn!("disk {disk}: flush failed: {e}");
+        })
     }
 
     /// Status of the handle's target.
     ///
     /// Root: `MODE_DIR | 0o555`, `st_size` = listing length, `st_nlink` 2, `st_ino` 1.
-    /// Disk: `MODE_FILE | 0o644` (`0o444` if read-only), `st_size` = bytes,
+    /// Disk or partition: `MODE_FILE | 0o644` (`0o444` if read-only), `st_size` = bytes,
     /// `st_blksize` = logical block size, `st_blocks` = number of logical blocks
     /// (`size / block size`, as Redox's driver-block reports it — not 512-byte units unless
-    /// the block size is 512), `st_nlink` 1, `st_ino` = disk index + 2.
-    /// `st_uid`/`st_gid` are 0, times are 0.
+    /// the block size is 512), `st_nlink` 1; `st_ino` = disk index + 2 for a disk, and
+    /// `(disk + 2) << 32 | (partition + 1)` for a partition (distinct for indices below
+    /// 2^32). `st_uid`/`st_gid` are 0, times are 0.
     pub fn fstat(&self, id: usize) -> Result<Stat> {
         let handle = self.handles.get(id)?;
         // st_uid/st_gid stay 0 (root), times 0.
         let mut stat = Stat::default();
-        match handle.target {
-            Target::Root { ref listing } => {
-                stat.st_mode = MODE_DIR | 0o555;
-                stat.st_size = listing.len() as u64;
-                stat.st_nlink = 2;
-                stat.st_ino = 1;
-            }
-            Target::Disk { disk } => {
-                let geo = self.geometry(disk)?;
-                let perm = if geo.readonly { 0o444 } else { 0o644 };
-                stat.st_mode = MODE_FILE | perm;
-                stat.st_size = geo.size;
-                stat.st_blksize = u32::try_from(geo.block_size).unwrap_or(u32::MAX);
-                stat.st_blocks = geo.size / geo.block_size;
-                stat.st_nlink = 1;
-                stat.st_ino = u64::try_from(disk).map_or(u64::MAX, |d| d.saturating_add(2));
-            }
+        if let Target::Root { ref listing } = handle.target {
+            stat.st_mode = MODE_DIR | 0o555;
+            stat.st_size = listing.len() as u64;
+            stat.st_nlink = 2;
+            stat.st_ino = 1;
+            return Ok(stat);
         }
+        let (disk, geo) = self.region(&handle.target)?;
+        let perm = if geo.readonly { 0o444 } else { 0o644 };
+        stat.st_mode = MODE_FILE | perm;
+        stat.st_size = geo.size;
+        stat.st_blksize = u32::try_from(geo.block_size).unwrap_or(u32::MAX);
+        stat.st_blocks = geo.size / geo.block_size;
+        stat.st_nlink = 1;
+        let disk_ino = u64::try_from(disk).map_or(u64::MAX, |d| d.saturating_add(2));
+        stat.st_ino = match handle.target {
+            Target::Partition { part, .. } => {
+                let part = u64::try_from(part).map_or(u64::MAX, |p| p.saturating_add(1));
+                (disk_ino << 32) | (part & 0xFFFF_FFFF)
+            }
+            _ => disk_ino,
+        };
         Ok(stat)
     }
 
-    /// Size in bytes: the listing length for the root, the disk size for a disk.
+    /// Size in bytes: the listing length for the root, the disk or partition size otherwise.
     pub fn fsize(&self, id: usize) -> Result<u64> {
         let handle = self.handles.get(id)?;
         match handle.target {
             Target::Root { ref listing } => Ok(listing.len() as u64),
-            Target::Disk { disk } => Ok(self.geometry(disk)?.size),
+            ref t => Ok(self.region(t)?.1.size),
         }
     }
 
     /// The handle's path, Redox style: `"disk.virtio-scsi:"` for the root,
-    /// `"disk.virtio-scsi:N"` for disk N (as `storage/driver-block` formats it). Works even if
-    /// the disk has disappeared.
+    /// `"disk.virtio-scsi:N"` for disk N, `"disk.virtio-scsi:NpM"` for partition M of disk N
+    /// (as `storage/driver-block` formats them). Works even if the disk has disappeared.
     pub fn fpath(&self, id: usize) -> Result<String> {
         let handle = self.handles.get(id)?;
         let target = match handle.target {
             Target::Root { .. } => SchemePath::Root,
             Target::Disk { disk } => SchemePath::Disk(disk),
+            Target::Partition { disk, part, .. } => SchemePath::Partition { disk, part },
         };
         Ok(format!("{}:{}", self.name, path::format_path(target)))
     }
 
     /// Closes the handle; its id is never handed out again. `EBADF` if unknown or already
-    /// closed. Operations already running on the handle finish normally.
+    /// closed. Operations already running on the handle finish normally. Closing the last
+    /// whole-disk (or partition) handle of a disk lets partitions (or the whole disk) open.
     pub fn close(&self, id: usize) -> Result<()> {
-        self.handles.remove(id).map(drop)
+        let handle = self.handles.remove(id)?;
+        if let Some((disk, holder)) = handle.holds {
+            self.opens.release(disk, holder);
+        }
+        Ok(())
     }
 
-    /// Who opened handle `id` (for logs and, later, permission checks).
+    /// Who opened handle `id` (for logs).
     pub fn caller(&self, id: usize) -> Result<CallerCtx> {
         Ok(self.handles.get(id)?.ctx)
     }
 
-    /// Access-control hook: the one place where who may open what will be decided.
-    ///
-    /// Not enforced yet: everyone may open everything. Redox's driver-block refuses every
-    /// caller whose uid is not 0 with `EACCES`; the plan is to do the same here (and possibly
-    /// allow a configured group read access), based on `ctx`, the target and the access mode
-    /// in `flags`.
-    fn check_access(&self, _target: SchemePath, _flags: usize, _ctx: &CallerCtx) -> Result<()> {
-        Ok(())
-    }
-
-    /// The root listing: one line per disk (`"0\n1\n"`); partitions (`"0p0"`) come later.
-    fn listing(&self) -> String {
-        (0..self.device.disks().len())
-            .map(|d| format!("{d}\n"))
-            .collect()
-    }
-
-    /// The current geometry of `disk`; `ENODEV` if the disk is gone.
-    fn geometry(&self, disk: usize) -> Result<Geometry> {
+    /// The partition table of `disk` (read now if the cache has none for the disk's current
+    /// state). `ENOENT` if there is no such disk.
+    pub fn partition_table(&self, disk: usize) -> Result<Arc<PartitionTable>> {
         let disks = self.device.disks();
-        let info = disks.get(disk).ok_or(Error::new(ENODEV))?;
-        Geometry::of(info)
+        let info = present(&disks, disk).ok_or(Error::new(ENOENT))?;
+        let geo = Geometry::of(info)?;
+        self.tables.get(&*self.device, disk, info, &geo)
+    }
+
+    /// Access-control hook: the one place where who may open what is decided. Every path
+    /// and mode is governed by the scheme's [`AccessPolicy`] (Redox's `driver-block` refuses
+    /// every caller whose uid is not 0 with `EACCES`, whatever they open).
+    fn check_access(&self, target: SchemePath, flags: usize, ctx: &CallerCtx) -> Result<()> {
+        if self.access.permits(ctx) {
+            return Ok(());
+        }
+        log::info!(
+            "refused open of {:?} (flags {flags:#x}) by uid {} gid {} pid {}: only {} may open",
+            path::format_path(target),
+            ctx.uid,
+            ctx.gid,
+            ctx.pid,
+            self.access
+        );
+        Err(Error::new(EACCES))
+    }
+
+    /// The root listing: for each disk a line with its number, then one line per partition
+    /// (`"0\n0p0\n0p1\n1\n"`). A disk whose partition table cannot be read right now is
+    /// listed without partitions.
+    fn listing(&self) -> String {
+        let disks = self.device.disks();
+        let mut out = String::new();
+        for (d, info) in disks.iter().enumerate() {
+            if info.blocks == 0 {
+                continue; // absent (a removed LUN keeps its number)
+            }
+            out.push_str(&format!("{d}\n"));
+            let table = Geometry::of(info)
+                .and_then(|geo| self.tables.get(&*self.device, d, info, &geo))
+                .inspect_err(|e| log::warn!("disk {d}: partition table unreadable: {e}"));
+            if let Ok(table) = table {
+                for p in 0..table.partitions.len() {
+                    out.push_str(&format!("{d}p{p}\n"));
+                }
+            }
+        }
+        out
+    }
+
+    /// The disk and the current geometry of an I/O target: the whole disk, or the
+    /// partition's window on it. `ENODEV` if the disk is gone, or if the partition is no
+    /// longer in the disk's table with the start and length it was opened with.
+    fn region(&self, target: &Target) -> Result<(usize, Geometry)> {
+        match *target {
+            Target::Root { .. } => Err(Error::new(EBADF)),
+            Target::Disk { disk } => {
+                let disks = self.device.disks();
+                let info = present(&disks, disk).ok_or(Error::new(ENODEV))?;
+                Ok((disk, Geometry::of(info)?))
+            }
+            Target::Partition {
+                disk,
+                part,
+                start,
+                blocks,
+            } => {
+                let disks = self.device.disks();
+                let info = present(&disks, disk).ok_or(Error::new(ENODEV))?;
+                let geo = Geometry::of(info)?;
+                let table = self.tables.get(&*self.device, disk, info, &geo)?;
+                let same = table.partitions.get(part) == Some(&Partition { start, blocks });
+                let region = geo.region(start, blocks).filter(|_| same);
+                region.map(|g| (disk, g)).ok_or_else(|| {
+                    log::warn!("disk {disk}: partition {part} changed or vanished under a handle");
+                    Error::new(ENODEV)
+                })
+            }
+        }
     }
 
     /// The write range lock of `disk` (created on first use).

@@ -47,6 +47,8 @@ pub(crate) fn initial_byte(pos: u64) -> u8 {
 
 struct MemDisk {
     info: DiskInfo,
+    /// What `BlockDevice::generation` reports.
+    generation: u64,
     /// Written blocks; absent blocks hold the initial pattern.
     blocks: HashMap<u64, Box<[u8]>>,
 }
@@ -99,6 +101,7 @@ impl MemDevice {
                     blocks,
                     readonly,
                 },
+                generation: 0,
                 blocks: HashMap::new(),
             })));
     }
@@ -109,6 +112,35 @@ impl MemDevice {
 
     pub(crate) fn set_readonly(&self, disk: usize, readonly: bool) {
         self.disk(disk).lock().unwrap().info.readonly = readonly;
+    }
+
+    /// Changes the block count (the medium was resized).
+    pub(crate) fn set_blocks(&self, disk: usize, blocks: u64) {
+        self.disk(disk).lock().unwrap().info.blocks = blocks;
+    }
+
+    /// Changes what `generation` reports (the medium was changed).
+    pub(crate) fn set_generation(&self, disk: usize, generation: u64) {
+        self.disk(disk).lock().unwrap().generation = generation;
+    }
+
+    /// Puts `data` at byte `start` of `disk`, directly into storage (no call recorded).
+    pub(crate) fn set_contents(&self, disk: usize, start: u64, data: &[u8]) {
+        let d = self.disk(disk);
+        let mut d = d.lock().unwrap();
+        let bs = u64::from(d.info.block_size);
+        let mut pos = start;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let lba = pos / bs;
+            let mut block = d.block(lba);
+            let i = (pos % bs) as usize;
+            let n = (block.len() - i).min(rest.len());
+            block[i..i + n].copy_from_slice(&rest[..n]);
+            d.blocks.insert(lba, block);
+            rest = &rest[n..];
+            pos += n as u64;
+        }
     }
 
     pub(crate) fn set_delay_us(&self, us: u64) {
@@ -267,5 +299,13 @@ impl BlockDevice for MemDevice {
         self.enter(Op::Flush, disk, 0, 0)?;
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    fn generation(&self, disk: usize) -> u64 {
+        self.disks
+            .lock()
+            .unwrap()
+            .get(disk)
+            .map_or(0, |d| d.lock().unwrap().generation)
     }
 }

@@ -4,6 +4,7 @@ mod concurrency;
 mod fixture;
 mod io;
 mod open;
+mod partitions;
 mod paths;
 
 use std::sync::Arc;
