@@ -14,7 +14,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use vscsi_ipc::{Client, ClientError, Handle, OpenFlags};
@@ -40,7 +40,7 @@ pub(crate) struct ConnConfig {
     /// Requests of one connection executed at once.
     pub workers: usize,
     /// Set when the gateway is stopping.
-    pub stopping: Arc<AtomicBool>,
+    pub stopping: vscsi_ipc::ShutdownHandle,
 }
 
 /// Why a connection ended other than by the client's choice.
@@ -160,7 +160,7 @@ impl Negotiation<'_> {
     }
 
     fn option(&mut self, option: u32, data: &[u8]) -> Result<Next, ConnError> {
-        if self.cfg.stopping.load(Ordering::SeqCst) && option != proto::OPT_ABORT {
+        if self.cfg.stopping.is_shutdown() && option != proto::OPT_ABORT {
             if option == proto::OPT_EXPORT_NAME {
                 return Err(violation("gateway is shutting down"));
             }

@@ -43,9 +43,8 @@ pub mod proto;
 use std::collections::HashMap;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -97,42 +96,11 @@ impl GatewayConfig {
     }
 }
 
-struct ShutdownState {
-    requested: Arc<AtomicBool>,
-    wake_r: OwnedFd,
-    wake_w: OwnedFd,
-}
-
-/// Asks a running [`Gateway`] to stop. Cheap to clone; usable from any thread (and from a
-/// signal-handling thread).
-#[derive(Clone)]
-pub struct ShutdownHandle {
-    state: Arc<ShutdownState>,
-}
-
-impl ShutdownHandle {
-    /// Requests a stop: no new connections; connections in negotiation are closed; connections
-    /// in transmission read no further requests, finish and answer those in flight, and close.
-    /// Idempotent; may be called before `run`.
-    pub fn shutdown(&self) {
-        self.state.requested.store(true, Ordering::SeqCst);
-        // The pipe is non-blocking: if it is full, a wake-up is already pending.
-        let _ = rustix::io::write(&self.state.wake_w, &[1]);
-    }
-
-    /// Whether a stop was requested.
-    pub fn is_shutdown(&self) -> bool {
-        self.state.requested.load(Ordering::SeqCst)
-    }
-}
-
-impl std::fmt::Debug for ShutdownHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShutdownHandle")
-            .field("requested", &self.is_shutdown())
-            .finish()
-    }
-}
+/// Asks a running [`Gateway`] to stop: the IPC server's handle, shared rather than written
+/// twice. Requesting a stop: no new connections; connections in negotiation are closed;
+/// connections in transmission read no further requests, finish and answer those in flight,
+/// and close.
+pub use vscsi_ipc::ShutdownHandle;
 
 /// The open connections, so a stop can reach them.
 #[derive(Default)]
@@ -193,19 +161,10 @@ impl Gateway {
             // On failure, the listeners bound so far are dropped (their socket files removed).
             listeners.push(Listener::bind(addr, config.socket_mode)?);
         }
-        let (wake_r, wake_w) = rustix::pipe::pipe_with(
-            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
-        )?;
         Ok(Gateway {
             config,
             listeners,
-            shutdown: ShutdownHandle {
-                state: Arc::new(ShutdownState {
-                    requested: Arc::new(AtomicBool::new(false)),
-                    wake_r,
-                    wake_w,
-                }),
-            },
+            shutdown: ShutdownHandle::new()?,
         })
     }
 
@@ -230,7 +189,7 @@ impl Gateway {
         let cfg = Arc::new(ConnConfig {
             daemon_socket: config.daemon_socket.clone(),
             workers: config.workers_per_connection.max(1),
-            stopping: shutdown.state.requested.clone(),
+            stopping: shutdown.clone(),
         });
         let registry = Arc::new(Registry::default());
         let next_id = AtomicU64::new(1);
@@ -244,7 +203,7 @@ impl Gateway {
         );
         // Stop: new clients find no socket; open connections read nothing more.
         drop(listeners);
-        cfg.stopping.store(true, Ordering::SeqCst);
+        cfg.stopping.shutdown();
         registry.shutdown_all(Shutdown::Read);
         let left = registry.wait_empty(DRAIN_TIMEOUT);
         if left > 0 {
@@ -277,7 +236,7 @@ fn accept_loop(
             .iter()
             .map(|l| PollFd::new(l, PollFlags::IN))
             .collect();
-        fds.push(PollFd::new(&shutdown.state.wake_r, PollFlags::IN));
+        fds.push(PollFd::new(shutdown.wake_fd(), PollFlags::IN));
         match poll(&mut fds, None) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
@@ -345,7 +304,7 @@ fn admit(
             match conn::serve(&stream, &cfg) {
                 Ok(()) => log::debug!("{peer}: disconnected"),
                 // A stop cuts connections off; that is not the client's fault.
-                Err(e) if cfg.stopping.load(Ordering::SeqCst) => {
+                Err(e) if cfg.stopping.is_shutdown() => {
                     log::debug!("{peer}: closed by the stop ({e})")
                 }
                 Err(e) => log::warn!("{peer}: connection ended: {e}"),

@@ -197,13 +197,33 @@ struct ShutdownState {
     wake_w: OwnedFd,
 }
 
-/// Asks a running [`Server`] to stop. Cheap to clone; usable from any thread.
+/// Asks a running [`Server`] (or any accept loop that polls [`ShutdownHandle::wake_fd`], like
+/// the NBD gateway) to stop. Cheap to clone; usable from any thread, a signal thread included.
 #[derive(Clone)]
 pub struct ShutdownHandle {
     state: Arc<ShutdownState>,
 }
 
 impl ShutdownHandle {
+    /// A handle not yet asked to stop, with its wake-up pipe.
+    pub fn new() -> io::Result<Self> {
+        let (wake_r, wake_w) = rustix::pipe::pipe_with(
+            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+        )?;
+        Ok(ShutdownHandle {
+            state: Arc::new(ShutdownState {
+                requested: AtomicBool::new(false),
+                wake_r,
+                wake_w,
+            }),
+        })
+    }
+
+    /// Becomes readable once a stop was requested: poll it next to the listening sockets.
+    pub fn wake_fd(&self) -> &OwnedFd {
+        &self.state.wake_r
+    }
+
     /// Requests shutdown: the server stops accepting, finishes in-flight requests (bounded),
     /// closes every handle and removes its socket file; [`Server::run`] then returns.
     /// Idempotent; may be called before `run`.
@@ -234,7 +254,7 @@ pub struct Server<D: BlockDevice> {
     listener: Mutex<Option<UnixListener>>,
     /// (dev, ino) of the socket file we created, so we never remove someone else's.
     socket_id: (u64, u64),
-    shutdown: Arc<ShutdownState>,
+    shutdown: ShutdownHandle,
 }
 
 fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
@@ -291,9 +311,7 @@ impl<D: BlockDevice> Server<D> {
         let listener = Self::bind_with_mode(&path, config.socket_mode)?;
         listener.set_nonblocking(true)?;
         let md = fs::symlink_metadata(&path).map_err(|e| with_path(e, "cannot stat", &path))?;
-        let (wake_r, wake_w) = rustix::pipe::pipe_with(
-            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
-        )?;
+        let shutdown = ShutdownHandle::new()?;
         info!(
             "listening on {} (mode {:o}) for scheme {}",
             path.display(),
@@ -305,11 +323,7 @@ impl<D: BlockDevice> Server<D> {
             scheme,
             listener: Mutex::new(Some(listener)),
             socket_id: (md.dev(), md.ino()),
-            shutdown: Arc::new(ShutdownState {
-                requested: AtomicBool::new(false),
-                wake_r,
-                wake_w,
-            }),
+            shutdown,
         })
     }
 
@@ -357,9 +371,7 @@ impl<D: BlockDevice> Server<D> {
 
     /// A handle that stops [`Server::run`] from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
-            state: self.shutdown.clone(),
-        }
+        self.shutdown.clone()
     }
 
     fn remove_socket_file(&self) {
@@ -498,12 +510,12 @@ impl<D: BlockDevice> Server<D> {
         next_id: &AtomicU64,
     ) -> io::Result<()> {
         loop {
-            if self.shutdown.requested.load(Ordering::SeqCst) {
+            if self.shutdown.is_shutdown() {
                 return Ok(());
             }
             let mut fds = [
                 PollFd::new(listener, PollFlags::IN),
-                PollFd::new(&self.shutdown.wake_r, PollFlags::IN),
+                PollFd::new(self.shutdown.wake_fd(), PollFlags::IN),
             ];
             match poll(&mut fds, None) {
                 Ok(_) => {}
@@ -513,7 +525,7 @@ impl<D: BlockDevice> Server<D> {
                     return Err(e.into());
                 }
             }
-            if self.shutdown.requested.load(Ordering::SeqCst) {
+            if self.shutdown.is_shutdown() {
                 return Ok(());
             }
             loop {
