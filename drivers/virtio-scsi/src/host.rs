@@ -308,6 +308,11 @@ impl ScsiHost {
             .collect()
     }
 
+    /// How many disk numbers were ever given out.
+    pub fn disk_count(&self) -> usize {
+        self.disks.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Every disk number ever given out, with the disk if it is present now.
     pub fn disk_slots(&self) -> Vec<Option<Arc<Disk>>> {
         self.disks.read().unwrap_or_else(|p| p.into_inner()).clone()

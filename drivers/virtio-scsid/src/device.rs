@@ -30,6 +30,23 @@ impl HostDevices {
     }
 }
 
+/// What a removed disk's number reports: no blocks (absent to the scheme).
+const ABSENT: DiskInfo = DiskInfo {
+    block_size: 512,
+    blocks: 0,
+    readonly: true,
+};
+
+impl HostDevices {
+    fn info(&self, d: &virtio_scsi::Disk) -> DiskInfo {
+        DiskInfo {
+            block_size: d.block_size,
+            blocks: d.blocks,
+            readonly: d.readonly || self.readonly_targets.contains(&d.target),
+        }
+    }
+}
+
 fn errno(op: &str, disk: usize, e: DriverError) -> Error {
     log::warn!("{op} on disk {disk}: {e}");
     Error::new(e.errno())
@@ -43,18 +60,18 @@ impl BlockDevice for HostDevices {
             .disk_slots()
             .iter()
             .map(|slot| match slot {
-                Some(d) => DiskInfo {
-                    block_size: d.block_size,
-                    blocks: d.blocks,
-                    readonly: d.readonly || self.readonly_targets.contains(&d.target),
-                },
-                None => DiskInfo {
-                    block_size: 512,
-                    blocks: 0,
-                    readonly: true,
-                },
+                Some(d) => self.info(d),
+                None => ABSENT,
             })
             .collect()
+    }
+
+    fn disk_info(&self, disk: usize) -> Option<DiskInfo> {
+        // No allocation: this is on every read and write.
+        match self.host.disk(disk) {
+            Some(d) => Some(self.info(&d)),
+            None => (disk < self.host.disk_count()).then_some(ABSENT),
+        }
     }
 
     fn generation(&self, _disk: usize) -> u64 {

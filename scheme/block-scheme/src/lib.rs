@@ -126,6 +126,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// The disks, indexed by disk number (`/0`, `/1`, ...). A disk reported with 0 blocks is
     /// absent (e.g. unplugged, its number kept for its return): not listed, not openable.
     fn disks(&self) -> Vec<DiskInfo>;
+    /// Disk number `disk` alone (what `disks()[disk]` would say). The I/O path asks this on
+    /// every read and write, so implementations should answer without allocating; the default
+    /// goes through `disks()`.
+    fn disk_info(&self, disk: usize) -> Option<DiskInfo> {
+        self.disks().get(disk).cloned()
+    }
     /// Reads whole blocks starting at `lba`; `buf.len()` is a non-zero multiple of the block
     /// size and the range is inside the disk. Either fills all of `buf` or returns an error.
     fn read_blocks(&self, disk: usize, lba: u64, buf: &mut [u8]) -> Result<()>;
@@ -518,9 +524,12 @@ impl<D: BlockDevice> DiskScheme<D> {
         match *target {
             Target::Root { .. } => Err(Error::new(EBADF)),
             Target::Disk { disk } => {
-                let disks = self.device.disks();
-                let info = present(&disks, disk).ok_or(Error::new(ENODEV))?;
-                Ok((disk, Geometry::of(info)?))
+                let info = self
+                    .device
+                    .disk_info(disk)
+                    .filter(|d| d.blocks > 0)
+                    .ok_or(Error::new(ENODEV))?;
+                Ok((disk, Geometry::of(&info)?))
             }
             Target::Partition {
                 disk,
@@ -528,10 +537,13 @@ impl<D: BlockDevice> DiskScheme<D> {
                 start,
                 blocks,
             } => {
-                let disks = self.device.disks();
-                let info = present(&disks, disk).ok_or(Error::new(ENODEV))?;
-                let geo = Geometry::of(info)?;
-                let table = self.tables.get(&*self.device, disk, info, &geo)?;
+                let info = self
+                    .device
+                    .disk_info(disk)
+                    .filter(|d| d.blocks > 0)
+                    .ok_or(Error::new(ENODEV))?;
+                let geo = Geometry::of(&info)?;
+                let table = self.tables.get(&*self.device, disk, &info, &geo)?;
                 let same = table.partitions.get(part) == Some(&Partition { start, blocks });
                 let region = geo.region(start, blocks).filter(|_| same);
                 region.map(|g| (disk, g)).ok_or_else(|| {
