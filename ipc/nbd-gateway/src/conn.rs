@@ -355,7 +355,7 @@ impl Negotiation<'_> {
 /// error if it ended inside it.
 fn read_message(stream: &Stream, buf: &mut [u8]) -> io::Result<bool> {
     let mut r = stream;
-    match read_full(&mut r, buf)? {
+    match vscsi_ipc::protocol::read_full(&mut r, buf)? {
         0 => Ok(false),
         n if n < buf.len() => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -528,20 +528,6 @@ fn read_requests(
             return Ok(()); // every worker is gone
         }
     }
-}
-
-/// Reads until `buf` is full or the stream ends; returns the bytes read.
-fn read_full(r: &mut &Stream, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 fn check_flags(req: &Request, allowed: u16) -> Result<(), u32> {

@@ -610,8 +610,9 @@ pub fn decode_request(buf: &[u8]) -> Result<(u64, Request, usize), DecodeError> 
     Ok((h.tag, req, total))
 }
 
-/// Reads into `buf` until it is full or the stream ends; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads into `buf` until it is full or the stream ends; returns the bytes read (retrying
+/// `EINTR`). Shared by the server, the CLI and the NBD gateway.
+pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {

@@ -6,7 +6,7 @@
 //! (`vscsi: read disk.virtio-scsi:/7: No such file or directory (ENOENT)`, exit status 1;
 //! bad usage exits with 2).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -375,20 +375,6 @@ fn read(c: &Client, path: &str, offset: u64, length: u64) -> Result<(), Failure>
     c.close(h).map_err(|e| fail(ctx(), e))
 }
 
-/// Fills `buf` from `r` until it is full or `r` ends; returns the bytes read.
-fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
 fn write(c: &Client, path: &str, offset: u64) -> Result<(), Failure> {
     let ctx = || format!("write {path}");
     let h = c.open(path, OpenFlags::WRITE).map_err(|e| fail(ctx(), e))?;
@@ -396,7 +382,7 @@ fn write(c: &Client, path: &str, offset: u64) -> Result<(), Failure> {
     let mut input = io::stdin().lock();
     let mut done = 0u64;
     loop {
-        let n = fill(&mut input, &mut buf)
+        let n = vscsi_ipc::protocol::read_full(&mut input, &mut buf)
             .map_err(|e| fail(format!("{}: reading standard input", ctx()), e))?;
         if n == 0 {
             break;
