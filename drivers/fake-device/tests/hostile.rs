@@ -361,6 +361,94 @@ fn device_needs_reset_while_running() {
     assert!(r.results.iter().any(|(_, x)| x.is_err()), "{r:?}");
 }
 
+/// A device that sets DEVICE_NEEDS_RESET (and raises a configuration-change interrupt) is
+/// reset at once, not after its commands time out: with a 20 s command timeout the read
+/// caught by it is answered within a few seconds, and once the device behaves I/O works.
+#[test]
+fn device_needs_reset_is_acted_on_at_once() {
+    record_panics();
+    with_watchdog("needs-reset-at-once", Duration::from_secs(60), || {
+        let (fake, host) = common::start(
+            FakeSpec::default(),
+            host_config(Duration::from_secs(20)),
+        );
+        let host = host.expect("host starts");
+        let disk = host.disk(0).expect("a disk");
+        let mut buf = vec![0u8; disk.block_size as usize * 4];
+        host.read(&disk, 0, &mut buf).expect("read before the fault");
+        // From the next command on, the device stops and asks for a reset; it behaves again
+        // once the test has seen the driver reset it.
+        fake.set_plan(FaultPlan {
+            transport: TransportFaults {
+                needs_reset_after: Some(0),
+                ..TransportFaults::default()
+            },
+            ..FaultPlan::default()
+        });
+        let t0 = std::time::Instant::now();
+        let reader = {
+            let (host, disk) = (host.clone(), disk.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; disk.block_size as usize * 4];
+                host.read(&disk, 8, &mut buf)
+            })
+        };
+        while host.stats().resets == 0 && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let reset_after = t0.elapsed();
+        fake.set_plan(FaultPlan::default());
+        // Either answer is fine for the read caught by it (the driver retries after the
+        // reset); a wait for the 20 s command timeout is not.
+        let r = reader.join().expect("reader thread");
+        eprintln!(
+            "read across DEVICE_NEEDS_RESET: {r:?}; reset after {reset_after:?}, answered after {:?}",
+            t0.elapsed()
+        );
+        assert!(
+            reset_after < Duration::from_secs(5),
+            "the driver took {reset_after:?} (its command timeout is 20 s) to reset"
+        );
+        assert!(host.stats().resets >= 1, "{}", host.stats());
+        // The device behaves again: the reset brought it back, I/O works.
+        fake.set_plan(FaultPlan::default());
+        host.read(&disk, 8, &mut buf).expect("read after the reset");
+        assert!(host.health().is_ok());
+        host.shutdown();
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(panics_in(common::DRIVER_THREADS).is_empty());
+}
+
+/// A device that asks for a reset again right after every reset is given up on (the host
+/// goes down with a reason), instead of being reset forever.
+#[test]
+fn device_that_always_needs_reset_is_given_up_on() {
+    record_panics();
+    with_watchdog("needs-reset-forever", Duration::from_secs(60), || {
+        let (fake, host) = common::start(FakeSpec::default(), host_config(Duration::from_secs(20)));
+        let host = host.expect("host starts");
+        let disk = host.disk(0).expect("a disk");
+        fake.set_plan(FaultPlan {
+            transport: TransportFaults {
+                needs_reset_after: Some(0),
+                ..TransportFaults::default()
+            },
+            ..FaultPlan::default()
+        });
+        let mut buf = vec![0u8; disk.block_size as usize];
+        let t0 = std::time::Instant::now();
+        while host.health().is_ok() && t0.elapsed() < Duration::from_secs(30) {
+            assert!(host.read(&disk, 0, &mut buf).is_err());
+        }
+        let down = host.health().expect_err("the host gave up on the device");
+        assert!(down.to_string().contains("reset"), "{down}");
+        host.shutdown();
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(panics_in(common::DRIVER_THREADS).is_empty());
+}
+
 #[test]
 fn pci_capabilities_and_bars() {
     let cap = |kind, o: CapOverride| PciFaults {

@@ -80,6 +80,9 @@ impl DriverError {
         match self {
             DriverError::Scsi(e) => e.is_retryable(),
             DriverError::Virtio(r) => matches!(r, Response::Busy | Response::Reset),
+            // Dropped by a device reset that something else caused (a command that timed out
+            // itself is reported as `TimedOut`, never retried).
+            DriverError::Queue(QueueError::Reset { .. }) => true,
             _ => false,
         }
     }

@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use platform::{IrqWait, Platform};
 use scsi_commands as scsi;
@@ -32,6 +32,11 @@ use crate::wire::{Features, WANTED_FEATURES};
 /// How often the completion thread wakes without an interrupt (a safety net and a health check;
 /// nothing spins).
 const IDLE_WAKE: Duration = Duration::from_millis(250);
+/// Device-requested resets (DEVICE_NEEDS_RESET) tolerated in a row, each within
+/// `NEEDS_RESET_WINDOW` of the previous one, before the device is given up on.
+const MAX_NEEDS_RESET_RUN: u32 = 5;
+/// See `MAX_NEEDS_RESET_RUN`.
+const NEEDS_RESET_WINDOW: Duration = Duration::from_secs(10);
 /// Commands of one block request in flight at once.
 const MAX_CHUNKS_IN_FLIGHT: usize = 16;
 /// Attempts for a command whose error says "try again".
@@ -138,6 +143,10 @@ pub struct ScsiHost {
     timeouts: AtomicU64,
     tmfs: AtomicU64,
     resets: AtomicU64,
+    /// When the device last asked for a reset itself (DEVICE_NEEDS_RESET), and how many
+    /// such resets came in a row shortly after each other. Only the completion thread
+    /// touches it (see `check_needs_reset`).
+    needs_reset_run: Mutex<(Option<Instant>, u32)>,
     /// Disk number → disk. A number is never reused for another (target, LUN); a removed
     /// disk leaves `None` (a LUN that comes back gets its old number).
     disks: RwLock<Vec<Option<Arc<Disk>>>>,
@@ -247,6 +256,7 @@ impl ScsiHost {
             timeouts: AtomicU64::new(0),
             tmfs: AtomicU64::new(0),
             resets: AtomicU64::new(0),
+            needs_reset_run: Mutex::new((None, 0)),
             disks: RwLock::new(Vec::new()),
             next_tag: AtomicU64::new(1),
             stop: AtomicBool::new(false),
@@ -715,6 +725,50 @@ impl ScsiHost {
         t.finish_init();
         log::info!("virtio-scsi device reset and set up again");
         Ok(())
+    }
+
+    /// After a configuration-change interrupt (ISR bit 1): a device that hit an error it
+    /// cannot recover from sets DEVICE_NEEDS_RESET in its status and stops processing
+    /// (virtio 1.2 §2.1.2). Waiting for each command in flight to time out and climb the
+    /// TMF ladder would take seconds per command; reset now instead, which fails what was in
+    /// flight (exactly once) and brings the queues back. A device that asks again and again
+    /// (more than `MAX_NEEDS_RESET_RUN` times, each within `NEEDS_RESET_WINDOW` of the last)
+    /// is given up on: the host goes down with a clear reason rather than resetting forever.
+    fn check_needs_reset(&self) {
+        if self.stop.load(Ordering::SeqCst) || self.health().is_err() {
+            return;
+        }
+        let status = self
+            .transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_status();
+        if !status.contains(DeviceStatus::DEVICE_NEEDS_RESET) {
+            log::info!("virtio-scsi configuration changed (status {status:?})");
+            return;
+        }
+        let run = {
+            let mut r = self
+                .needs_reset_run
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            r.1 = match r.0 {
+                Some(t) if now.duration_since(t) < NEEDS_RESET_WINDOW => r.1 + 1,
+                _ => 1,
+            };
+            r.0 = Some(now);
+            r.1
+        };
+        if run > MAX_NEEDS_RESET_RUN {
+            let e = format!("the device asked for a reset {run} times in a row; giving up on it");
+            log::error!("{e}");
+            self.mark_down(&e);
+            return;
+        }
+        if let Err(e) = self.reset_device("the device set DEVICE_NEEDS_RESET") {
+            log::error!("device reset failed: {e}");
+        }
     }
 
     /// Runs a command, retrying where the error says so (bounded, with backoff).
@@ -1263,6 +1317,11 @@ fn completion_loop(host: Weak<ScsiHost>) {
         let mut work = 0;
         for q in &h.queues {
             work += q.drain();
+        }
+        // ISR bit 1: the device's configuration or status changed (it may need a reset).
+        if isr.is_some_and(|bits| bits & 2 != 0) {
+            work += 1;
+            h.check_needs_reset();
         }
         h.epoch.bump();
         let events = h.event.lock().unwrap_or_else(|p| p.into_inner()).drain();

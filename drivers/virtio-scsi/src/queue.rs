@@ -59,6 +59,15 @@ pub enum QueueError {
         /// What happened.
         reason: String,
     },
+    /// A device reset dropped the command before it completed (the device did not run it to
+    /// the end; running it again is safe: reads and writes of whole blocks are idempotent).
+    #[error("request queue {queue}: command dropped by a {reason}")]
+    Reset {
+        /// Virtqueue index.
+        queue: u16,
+        /// Why the device was reset.
+        reason: String,
+    },
     /// The command did not complete in time (the slot stays reserved until the device returns it).
     #[error("command timed out after {0:?}")]
     Timeout(Duration),
@@ -543,7 +552,11 @@ impl RequestQueue {
             }
         }
         for &slot in &slots[..n] {
-            self.finish_locked(&mut inner, slot, Err(self.broken_error(reason)));
+            let dropped = QueueError::Reset {
+                queue: self.index,
+                reason: reason.to_string(),
+            };
+            self.finish_locked(&mut inner, slot, Err(dropped));
         }
         let _scope = arena.scope();
         inner.vq = VirtQueue::<ShmHal, QUEUE_SIZE>::new(transport, self.index, false, false)
