@@ -91,6 +91,64 @@ impl TestDisk {
         s
     }
 
+    /// The `--disk-qemu` argument for this image (raw, its block size and read-only state),
+    /// with `extra` QEMU options appended: `-drive` options such as `discard=unmap`, or
+    /// `device.NAME=VALUE` properties of its `scsi-hd` (`device.serial=S1`).
+    pub fn qemu_arg(&self, extra: &str) -> String {
+        let mut s = format!(
+            "file={},format=raw",
+            self.path.display().to_string().replace(',', ",,")
+        );
+        if let Some(bs) = self.block_size {
+            s.push_str(&format!(
+                ",device.logical_block_size={bs},device.physical_block_size={bs}"
+            ));
+        }
+        if self.readonly {
+            s.push_str(",readonly=on");
+        }
+        if !extra.is_empty() {
+            s.push(',');
+            s.push_str(extra);
+        }
+        s
+    }
+
+    /// Bytes of the image file allocated on the host (`st_blocks` in bytes): a discard that
+    /// reached the file as a hole makes it smaller.
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path).expect("stat image").blocks() * 512
+    }
+
+    /// The next hole of the image file at or after `offset` (`SEEK_HOLE`; the file's end
+    /// counts as a hole).
+    pub fn next_hole(&self, offset: u64) -> u64 {
+        self.seek(offset, libc::SEEK_HOLE)
+            .expect("SEEK_HOLE before the end of the file")
+    }
+
+    /// The next data of the image file at or after `offset` (`SEEK_DATA`), or `None` when only
+    /// a hole follows.
+    pub fn next_data(&self, offset: u64) -> Option<u64> {
+        self.seek(offset, libc::SEEK_DATA)
+    }
+
+    /// lseek(2) with `whence`; `None` for `ENXIO` (nothing of that kind after `offset`).
+    fn seek(&self, offset: u64, whence: i32) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let f = File::open(&self.path).expect("open image");
+        let off = libc::off_t::try_from(offset).expect("offset fits off_t");
+        // SAFETY: lseek(2) on a descriptor that stays open for the duration of the call.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.raw_os_error(), Some(libc::ENXIO), "lseek: {e}");
+            return None;
+        }
+        u64::try_from(r).ok()
+    }
+
     /// Reads `len` bytes of the image at `offset`, straight from the host file.
     pub fn read_image(&self, offset: u64, len: usize) -> Vec<u8> {
         let f = File::open(&self.path).expect("open image");
@@ -145,6 +203,14 @@ impl DaemonBuilder {
     pub fn disk(mut self, d: &TestDisk) -> Self {
         self.args.push("--disk".into());
         self.args.push(d.arg());
+        self
+    }
+
+    /// Adds a disk given as QEMU drive options (`--disk-qemu`, see [`TestDisk::qemu_arg`]).
+    /// Disks given this way come after every [`DaemonBuilder::disk`] in the disk numbering.
+    pub fn disk_qemu(mut self, options: &str) -> Self {
+        self.args.push("--disk-qemu".into());
+        self.args.push(options.into());
         self
     }
 
@@ -334,6 +400,21 @@ impl Daemon {
     /// What the daemon printed so far.
     pub fn output(&self) -> String {
         self.output.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    /// One counter of QEMU's `query-blockstats` for the disk whose drive is `d{disk}` (the
+    /// daemon names QEMU's drives `d0`, `d1`, ... in disk order), e.g. `wr_operations` or
+    /// `unmap_bytes`.
+    pub fn block_stat(&self, disk: usize, counter: &str) -> u64 {
+        let stats = self
+            .qmp("query-blockstats", serde_json::json!({}))
+            .expect("query-blockstats");
+        let name = format!("d{disk}");
+        stats
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["device"] == name.as_str()))
+            .and_then(|d| d["stats"][counter].as_u64())
+            .unwrap_or_else(|| panic!("no {counter} for drive {name} in {stats}"))
     }
 
     /// Runs the `vscsi` CLI against this daemon.

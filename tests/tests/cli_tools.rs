@@ -1,7 +1,9 @@
 //! The command-line tools of issue 7, against QEMU's virtio-scsi device: `vscsi copy` in both
 //! directions (its printed CRC32C checked against a CRC32C computed here by a separate, plain
 //! table implementation, and the bytes against the image file on the host), `vscsi ls --json`
-//! and `vscsi stat --json` (parsed, and matched with each other and the images), and
+//! and `vscsi stat --json` (parsed, and matched with each other and the images), the SCSI
+//! identity in `vscsi ls` and `vscsi stat` (QEMU disks given a known serial, WWN, vendor and
+//! product: what the driver reads from INQUIRY and VPD pages 0x80 and 0x83), and
 //! `scripts/bench-compare.sh`: a `bash -n` syntax check, and its `--smoke` mode (one queue
 //! depth, 1-second runs, a 64 MiB image; about 10 s with KVM) run for real.
 
@@ -416,4 +418,126 @@ fn bench_compare_smoke_run() {
     }
     assert!(stdout.contains("vscsi bench"), "table printed:\n{stdout}");
     assert!(lines.next().is_none(), "one QD in smoke mode: {text}");
+}
+
+/// QEMU disks with a known identity (`scsi-hd` properties through `--disk-qemu`'s
+/// `device.NAME=VALUE` items) next to one with QEMU's defaults: `vscsi ls` shows each one's
+/// size, block size, vendor/product and target:lun in a table, `vscsi stat` and the `--json`
+/// forms show vendor, product, revision, serial (VPD 0x80) and WWN (VPD 0x83) as QEMU set them.
+#[test]
+fn ls_and_stat_show_the_scsi_identity() {
+    let dir = tmp();
+    let plain = TestDisk::create(dir.path(), "plain.img", 4 * MIB, 51);
+    let named = TestDisk::create(dir.path(), "named.img", 8 * MIB, 52).block_size(4096);
+    let daemon = DaemonBuilder::new(dir.path())
+        .disk(&plain)
+        .disk_qemu(&named.qemu_arg(
+            "device.serial=VSCSI-SER-0042,device.wwn=0x5000c500a1b2c3d4,\
+             device.vendor=ACME,device.product=Rocket Disk,device.ver=1.7",
+        ))
+        .start();
+
+    let text = vscsi_ok(&daemon, &["ls"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let head: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        head,
+        ["DISK", "SIZE", "BLOCK", "VENDOR/PRODUCT", "LUN"],
+        "{text}"
+    );
+    let row0: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        row0,
+        [
+            "disk.virtio-scsi:/0",
+            "4.0",
+            "MiB",
+            "512",
+            "QEMU",
+            "QEMU",
+            "HARDDISK",
+            "0:0"
+        ],
+        "{text}"
+    );
+    let row1: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(
+        row1,
+        [
+            "disk.virtio-scsi:/1",
+            "8.0",
+            "MiB",
+            "4096",
+            "ACME",
+            "Rocket",
+            "Disk",
+            "1:0"
+        ],
+        "{text}"
+    );
+    let col = lines[0].find("LUN").expect("LUN column");
+    assert_eq!(lines[1].find("0:0"), Some(col), "columns line up:\n{text}");
+    assert_eq!(lines[2].find("1:0"), Some(col), "columns line up:\n{text}");
+
+    let st = vscsi_ok(&daemon, &["stat", "disk.virtio-scsi:/1", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&st).expect("stat --json is JSON");
+    assert_eq!(st["vendor"], "ACME", "{st}");
+    assert_eq!(st["product"], "Rocket Disk", "{st}");
+    assert_eq!(st["revision"], "1.7", "{st}");
+    assert_eq!(st["serial"], "VSCSI-SER-0042", "{st}");
+    assert_eq!(st["wwn"], "0x5000c500a1b2c3d4", "{st}");
+    assert_eq!(
+        (st["target"].as_u64(), st["lun"].as_u64()),
+        (Some(1), Some(0)),
+        "{st}"
+    );
+    assert_eq!(st["block_size"], 4096, "{st}");
+    let st0 = vscsi_ok(&daemon, &["stat", "disk.virtio-scsi:/0", "--json"]);
+    let st0: serde_json::Value = serde_json::from_str(&st0).expect("stat --json is JSON");
+    assert_eq!(
+        (st0["vendor"].as_str(), st0["product"].as_str()),
+        (Some("QEMU"), Some("QEMU HARDDISK"))
+    );
+    assert!(
+        st0["serial"].is_null() && st0["wwn"].is_null(),
+        "QEMU sets none: {st0}"
+    );
+    assert_eq!(
+        (st0["target"].as_u64(), st0["lun"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    let text = vscsi_ok(&daemon, &["stat", "disk.virtio-scsi:/1"]);
+    for line in [
+        "vendor:     ACME\n",
+        "product:    Rocket Disk\n",
+        "revision:   1.7\n",
+        "serial:     VSCSI-SER-0042\n",
+        "wwn:        0x5000c500a1b2c3d4\n",
+        "target/lun: 1:0\n",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+    let text = vscsi_ok(&daemon, &["stat", "disk.virtio-scsi:/0"]);
+    assert!(
+        text.contains("serial:     (none)\n") && text.contains("target/lun: 0:0\n"),
+        "{text}"
+    );
+
+    // ls --json carries the same fields, per disk.
+    let ls = vscsi_ok(&daemon, &["ls", "--json"]);
+    let ls: serde_json::Value = serde_json::from_str(&ls).expect("ls --json is JSON");
+    for key in [
+        "vendor", "product", "revision", "serial", "wwn", "target", "lun",
+    ] {
+        assert_eq!(
+            ls[1][key], st[key],
+            "ls --json and stat --json agree on {key}"
+        );
+        assert_eq!(
+            ls[0][key], st0[key],
+            "ls --json and stat --json agree on {key}"
+        );
+    }
 }

@@ -1,8 +1,8 @@
 //! The NBD gateway (`vscsi nbd`) with real NBD clients that nobody here wrote, from Debian's
 //! packages (`scripts/install-deps.sh` installs them): `nbdinfo` and `nbdcopy` (libnbd-bin),
 //! `qemu-img` and `qemu-io` (qemu-utils) and `fio --ioengine=nbd` with `verify=crc32c`. They
-//! read and write through the gateway, the daemon and QEMU's virtio-scsi device; every check
-//! ends at the image files on the host.
+//! read, write, zero and trim through the gateway, the daemon and QEMU's virtio-scsi device;
+//! every check ends at the image files on the host (and at QEMU's own block counters).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -300,6 +300,23 @@ fn raw_go(socket: &Path, export: &str) -> UnixStream {
     s
 }
 
+/// Sends one request without payload (`NBD_CMD_*` `kind` with `flags`) on a connection in
+/// transmission and returns the error of its simple reply.
+fn raw_cmd(s: &mut UnixStream, kind: u16, flags: u16, offset: u64, len: u32) -> u32 {
+    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+    req.extend_from_slice(&flags.to_be_bytes());
+    req.extend_from_slice(&kind.to_be_bytes());
+    req.extend_from_slice(&7u64.to_be_bytes());
+    req.extend_from_slice(&offset.to_be_bytes());
+    req.extend_from_slice(&len.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes());
+    assert_eq!(&reply[8..], &7u64.to_be_bytes());
+    u32::from_be_bytes(reply[4..8].try_into().unwrap())
+}
+
 /// That the server itself (not just a client honouring the read-only flag) refuses a write
 /// with `EPERM`: returns the reply's error.
 fn raw_write_error(socket: &Path, export: &str) -> u32 {
@@ -375,7 +392,9 @@ fn real_nbd_clients_read_and_write_through_the_gateway() {
         );
         assert_eq!(field("can_flush"), "true");
         assert_eq!(field("can_multi_conn"), "true");
-        assert_eq!(field("can_trim"), "false", "no discard yet");
+        // QEMU's scsi-hd reports logical block provisioning (UNMAP) even with its default
+        // discard=ignore, so every writable disk can trim.
+        assert_eq!(field("can_trim"), (!read_only).to_string(), "export {name}");
         assert_eq!(field("can_zero"), (!read_only).to_string());
         assert_eq!(field("can_fua"), (!read_only).to_string());
     }
@@ -659,4 +678,151 @@ fn real_nbd_clients_read_and_write_through_the_gateway() {
     );
     assert!(!gw.socket.exists(), "socket file left behind");
     drop(daemon);
+}
+
+/// TRIM and WRITE_ZEROES from real clients, on a raw image attached with `discard=unmap`:
+/// `nbdinfo` sees the trim flag only where the disk can discard, `qemu-io` and
+/// `fio --rw=trim` trims become holes in the image file (zeroes, `SEEK_HOLE`), a trim that
+/// is not block-aligned discards only the whole blocks inside it (QEMU's unmap byte counter
+/// says how many), FUA on a trim reaches QEMU as a flush, write zeroes is one WRITE SAME
+/// (QEMU counts one write operation for a whole MiB), and no byte outside any range changes.
+#[test]
+fn trims_and_zeroes_from_real_clients_reach_the_image() {
+    let dir = tmp();
+    let disk = TestDisk::create(dir.path(), "trim.img", DISK_BYTES, 41);
+    let ro = TestDisk::create(dir.path(), "ro.img", 4 * MIB, 42).readonly();
+    let daemon = DaemonBuilder::new(dir.path())
+        .disk(&ro)
+        .disk_qemu(&disk.qemu_arg("discard=unmap"))
+        .start();
+    let gw = NbdGateway::start(&daemon, dir.path());
+    let uri = gw.uri("1");
+
+    // The flag: only the writable disk that can discard has it.
+    let o = finish_tool(spawn_tool("nbdinfo", &["--can", "trim", &uri]), "nbdinfo");
+    assert_eq!(o.status.code(), Some(0), "can trim: {}", show(&o));
+    let o = finish_tool(
+        spawn_tool("nbdinfo", &["--can", "trim", &gw.uri("0")]),
+        "nbdinfo",
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "read-only: cannot trim: {}",
+        show(&o)
+    );
+    let json = run_ok("nbdinfo", &["--json", &uri], &gw);
+    assert_eq!(export_field(&json, "1", "can_trim"), "true");
+    assert_eq!(export_field(&json, "1", "can_zero"), "true");
+
+    let mut want = disk.read_image(0, DISK_BYTES as usize);
+    let unmapped = daemon.block_stat(1, "unmap_bytes");
+
+    // qemu-io: an aligned trim of 2 MiB at 4 MiB.
+    run_ok("qemu-io", &["-f", "raw", "-c", "discard 4M 2M", &uri], &gw);
+    want[(4 * MIB) as usize..(6 * MIB) as usize].fill(0);
+    assert!(
+        disk.read_image(0, want.len()) == want,
+        "after the aligned trim"
+    );
+    assert_eq!(disk.next_hole(4 * MIB), 4 * MIB, "a hole in the image");
+    assert_eq!(disk.next_data(4 * MIB), Some(6 * MIB));
+    assert_eq!(daemon.block_stat(1, "unmap_bytes") - unmapped, 2 * MIB);
+
+    // Not aligned: only the whole 512-byte blocks inside 1000..9192 (1024..8704) go to the
+    // device; the bytes around them stay.
+    let unmapped = daemon.block_stat(1, "unmap_bytes");
+    let (around_a, around_b) = (disk.read_image(1000, 24), disk.read_image(8704, 488));
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "discard 1000 8192", &uri],
+        &gw,
+    );
+    assert_eq!(
+        daemon.block_stat(1, "unmap_bytes") - unmapped,
+        8704 - 1024,
+        "the whole blocks inside the range were unmapped, nothing more"
+    );
+    assert_eq!(
+        disk.read_image(1000, 24),
+        around_a,
+        "bytes before the first whole block"
+    );
+    assert_eq!(
+        disk.read_image(8704, 488),
+        around_b,
+        "bytes after the last whole block"
+    );
+    // What the hole punch made of 1024..8704 is the file system's business (it zeroes the
+    // parts of pages it cannot free); either zeroes or the old bytes, nothing else.
+    let inside = disk.read_image(1024, 8704 - 1024);
+    for (i, &b) in inside.iter().enumerate() {
+        assert!(
+            b == 0 || b == want[1024 + i],
+            "byte {} became {b:#x}",
+            1024 + i
+        );
+    }
+    want[1024..8704].copy_from_slice(&inside);
+
+    // fio's NBD engine: 64 KiB trims over 10..12 MiB.
+    run_ok(
+        "fio",
+        &[
+            "--name=nbd-trim",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=trim",
+            "--bs=64k",
+            "--offset=10M",
+            "--size=2M",
+        ],
+        &gw,
+    );
+    want[(10 * MIB) as usize..(12 * MIB) as usize].fill(0);
+    assert!(disk.read_image(0, want.len()) == want, "after fio's trims");
+    assert_eq!(disk.next_hole(10 * MIB), 10 * MIB);
+    assert_eq!(disk.next_data(10 * MIB), Some(12 * MIB));
+
+    // TRIM with FUA (no tool sets it; a raw request): QEMU sees the unmap, then a flush.
+    let flushes = daemon.block_stat(1, "flush_operations");
+    let mut raw = raw_go(&gw.socket, "1");
+    assert_eq!(raw_cmd(&mut raw, 4, 1, 13 * MIB, MIB as u32), 0);
+    assert!(
+        daemon.block_stat(1, "flush_operations") > flushes,
+        "FUA became a flush"
+    );
+    want[(13 * MIB) as usize..(14 * MIB) as usize].fill(0);
+    assert!(disk.read_image(0, want.len()) == want, "after the FUA trim");
+    // Past the end: EINVAL (22), nothing happens.
+    assert_eq!(raw_cmd(&mut raw, 4, 0, DISK_BYTES - 512, 1024), 22);
+    drop(raw);
+
+    // Write zeroes (no hole asked for): one WRITE SAME, so QEMU counts one write of 1 MiB.
+    let writes = daemon.block_stat(1, "wr_operations");
+    let written = daemon.block_stat(1, "wr_bytes");
+    run_ok("qemu-io", &["-f", "raw", "-c", "write -z 7M 1M", &uri], &gw);
+    assert_eq!(daemon.block_stat(1, "wr_operations") - writes, 1);
+    assert_eq!(daemon.block_stat(1, "wr_bytes") - written, MIB);
+    want[(7 * MIB) as usize..(8 * MIB) as usize].fill(0);
+    // Unaligned write zeroes: edges by read-modify-write.
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -z 8389000 5000", &uri],
+        &gw,
+    );
+    want[8_389_000..8_394_000].fill(0);
+    assert!(
+        disk.read_image(0, want.len()) == want,
+        "after the write zeroes"
+    );
+
+    // The read-only export refuses a trim.
+    let ro_before = ro.read_image(0, (4 * MIB) as usize);
+    run_fails(
+        "qemu-io",
+        &["-f", "raw", "-c", "discard 0 1M", &gw.uri("0")],
+    );
+    assert!(ro.read_image(0, ro_before.len()) == ro_before);
+    assert_eq!(daemon.block_stat(0, "unmap_operations"), 0);
 }

@@ -54,8 +54,52 @@ pub struct DiskSpec {
     pub lun: u16,
     /// QEMU `-drive` options given verbatim instead of `path`/`format`/`readonly` (e.g.
     /// `driver=null-co,size=1G,latency-ns=1000` or a `blkdebug` chain); `if=none,id=dN` is
-    /// appended, so they must not set `if` or `id`.
+    /// appended, so they must not set `if` or `id`. Items written `device.NAME=VALUE` are
+    /// not drive options but `scsi-hd` properties: they move to the disk's `-device` (e.g.
+    /// `device.serial=S1,device.wwn=0x5000c500a1b2c3d4,device.vendor=ACME`); they must not
+    /// set what the launcher sets (`drive`, `bus`, `channel`, `scsi-id`, `lun`, `id`).
     pub drive_options: Option<String>,
+}
+
+/// Prefix of the `drive_options` items that are `scsi-hd` properties.
+pub(crate) const DEVICE_OPTION_PREFIX: &str = "device.";
+
+/// `scsi-hd` properties the launcher sets itself.
+const RESERVED_DEVICE_OPTIONS: [&str; 6] = ["drive", "bus", "channel", "scsi-id", "lun", "id"];
+
+/// Splits QEMU options at single commas (a doubled comma is part of an item and stays
+/// doubled, so each item can be joined again as it was written).
+fn split_options(opts: &str) -> Vec<&str> {
+    let b = opts.as_bytes();
+    let mut items = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < b.len() {
+        if b[i] == b',' {
+            if b.get(i + 1) == Some(&b',') {
+                i += 2;
+                continue;
+            }
+            items.push(&opts[start..i]);
+            start = i + 1;
+        }
+        i += 1;
+    }
+    items.push(&opts[start..]);
+    items
+}
+
+/// Splits `drive_options` into the `-drive` options and the `scsi-hd` properties written
+/// `device.NAME=VALUE` (returned without the prefix), each part joined with commas as
+/// written. Either part may be empty.
+pub(crate) fn split_drive_options(opts: &str) -> (String, String) {
+    let (mut drive, mut device) = (Vec::new(), Vec::new());
+    for item in split_options(opts) {
+        match item.strip_prefix(DEVICE_OPTION_PREFIX) {
+            Some(prop) => device.push(prop),
+            None => drive.push(item),
+        }
+    }
+    (drive.join(","), device.join(","))
 }
 
 impl DiskSpec {
@@ -158,6 +202,22 @@ impl MachineConfig {
                     d.lun
                 ));
             }
+            if let Some(opts) = &d.drive_options {
+                let (_, device) = split_drive_options(opts);
+                for prop in split_options(&device).into_iter().filter(|p| !p.is_empty()) {
+                    let name = prop.split_once('=').map_or(prop, |(n, _)| n);
+                    if RESERVED_DEVICE_OPTIONS.contains(&name) {
+                        return Err(format!(
+                            "disk {i}: {DEVICE_OPTION_PREFIX}{name} is set by the launcher"
+                        ));
+                    }
+                    if !prop.contains('=') {
+                        return Err(format!(
+                            "disk {i}: {DEVICE_OPTION_PREFIX}{prop} needs a value"
+                        ));
+                    }
+                }
+            }
             if !seen.insert((d.target, d.lun)) {
                 return Err(format!(
                     "disk {i} ({}): target {} lun {} is used twice",
@@ -197,5 +257,38 @@ mod tests {
         assert!(c.validate().is_err());
         let c = ok.clone().with_disk(DiskSpec::new("/b"));
         assert!(c.validate().unwrap_err().contains("used twice"));
+        let mut c = ok.clone();
+        c.disks[0].drive_options = Some("file=/a,device.serial=S,device.wwn=0x5000".into());
+        assert_eq!(c.validate(), Ok(()));
+        for bad in [
+            "device.lun=3",
+            "file=/a,device.scsi-id=1",
+            "device.drive=x",
+            "device.x",
+        ] {
+            c.disks[0].drive_options = Some(bad.into());
+            assert!(c.validate().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_options_are_split_from_drive_options() {
+        assert_eq!(
+            split_drive_options("file=/a,,b.img,format=raw,device.serial=S,,1,discard=unmap"),
+            (
+                "file=/a,,b.img,format=raw,discard=unmap".to_owned(),
+                "serial=S,,1".to_owned()
+            )
+        );
+        assert_eq!(
+            split_drive_options("driver=null-co,size=1G"),
+            ("driver=null-co,size=1G".to_owned(), String::new())
+        );
+        assert_eq!(
+            split_drive_options("device.vendor=ACME,device.product=A B"),
+            (String::new(), "vendor=ACME,product=A B".to_owned())
+        );
+        assert_eq!(split_options("a,,,b"), vec!["a,,", "b"]);
+        assert_eq!(split_options(""), vec![""]);
     }
 }

@@ -8,7 +8,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use crate::config::{Accel, MachineConfig};
+use crate::config::{Accel, MachineConfig, split_drive_options};
 
 /// Size of the firmware image (`-bios`): 64 KiB, mapped by QEMU just below 4 GiB.
 pub(crate) const FIRMWARE_SIZE: usize = 64 * 1024;
@@ -167,8 +167,16 @@ pub(crate) fn qemu_args(
     );
     for (i, d) in config.disks.iter().enumerate() {
         push("-drive".into());
+        // `device.NAME=VALUE` items of the drive options are scsi-hd properties.
+        let mut device_props = String::new();
         if let Some(opts) = &d.drive_options {
-            push(format!("{opts},if=none,id=d{i}").into());
+            let (drive, device) = split_drive_options(opts);
+            device_props = device;
+            if drive.is_empty() {
+                push(format!("if=none,id=d{i}").into());
+            } else {
+                push(format!("{drive},if=none,id=d{i}").into());
+            }
         } else {
             let mut drive = arg(&[OsStr::new("file="), &escape_opt(d.path.as_os_str())]);
             drive.push(format!(",if=none,format={},id=d{i}", d.format.qemu_name()));
@@ -186,6 +194,10 @@ pub(crate) fn qemu_args(
             dev.push_str(&format!(
                 ",logical_block_size={bs},physical_block_size={bs}"
             ));
+        }
+        if !device_props.is_empty() {
+            dev.push(',');
+            dev.push_str(&device_props);
         }
         push(dev.into());
     }
@@ -294,6 +306,15 @@ mod tests {
             lun: 7,
             drive_options: None,
         });
+        config.disks.push(DiskSpec {
+            path: PathBuf::new(),
+            format: DiskFormat::Raw,
+            logical_block_size: None,
+            readonly: false,
+            target: 4,
+            lun: 0,
+            drive_options: Some("file=/i,,j,device.serial=S 1,discard=unmap,device.wwn=0x5".into()),
+        });
         config.extra_args.push("-S".into());
         let paths = LaunchPaths::in_dir(Path::new("/w,x"), "/dev/shm/r".into());
         let args = qemu_args(&config, &paths, &accel_args(Accel::Tcg, false));
@@ -312,7 +333,9 @@ mod tests {
              -device virtio-scsi-pci,id=scsi0,num_queues=2,disable-legacy=on,addr=01.0 \
              -drive file=/img/a,,b.qcow2,if=none,format=qcow2,id=d0,readonly=on \
              -device scsi-hd,drive=d0,bus=scsi0.0,channel=0,scsi-id=3,lun=7,\
-             logical_block_size=4096,physical_block_size=4096 -S"
+             logical_block_size=4096,physical_block_size=4096 \
+             -drive file=/i,,j,discard=unmap,if=none,id=d1 \
+             -device scsi-hd,drive=d1,bus=scsi0.0,channel=0,scsi-id=4,lun=0,serial=S 1,wwn=0x5 -S"
         );
     }
 

@@ -43,6 +43,9 @@ pub enum DriverError {
     /// A request the driver refuses before it reaches the device.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The disk does not have the command this operation needs (e.g. no WRITE SAME).
+    #[error("not supported by the disk: {0}")]
+    Unsupported(String),
     /// The disk is not (or no longer) there.
     #[error("no such disk")]
     NoDisk,
@@ -71,6 +74,7 @@ impl DriverError {
             DriverError::Virtio(Response::BadTarget) | DriverError::NoDisk => errno::ENODEV,
             DriverError::Invalid(_) => errno::EINVAL,
             DriverError::ReadOnly => errno::EROFS,
+            DriverError::Unsupported(_) => errno::EOPNOTSUPP,
             _ => errno::EIO,
         }
     }

@@ -37,6 +37,8 @@ const IDLE_WAKE: Duration = Duration::from_millis(250);
 const MAX_NEEDS_RESET_RUN: u32 = 5;
 /// See `MAX_NEEDS_RESET_RUN`.
 const NEEDS_RESET_WINDOW: Duration = Duration::from_secs(10);
+/// Most bytes one WRITE SAME of zeros covers (see `ScsiHost::write_zeroes`).
+const WRITE_SAME_MAX_BYTES: u64 = 1 << 30;
 /// Commands of one block request in flight at once.
 const MAX_CHUNKS_IN_FLIGHT: usize = 16;
 /// Attempts for a command whose error says "try again".
@@ -147,6 +149,8 @@ pub struct ScsiHost {
     /// such resets came in a row shortly after each other. Only the completion thread
     /// touches it (see `check_needs_reset`).
     needs_reset_run: Mutex<(Option<Instant>, u32)>,
+    /// Logical units (target, LUN) that refused WRITE SAME (see `write_zeroes`).
+    no_write_same: Mutex<Vec<(u8, u16)>>,
     /// Disk number → disk. A number is never reused for another (target, LUN); a removed
     /// disk leaves `None` (a LUN that comes back gets its old number).
     disks: RwLock<Vec<Option<Arc<Disk>>>>,
@@ -257,6 +261,7 @@ impl ScsiHost {
             tmfs: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             needs_reset_run: Mutex::new((None, 0)),
+            no_write_same: Mutex::new(Vec::new()),
             disks: RwLock::new(Vec::new()),
             next_tag: AtomicU64::new(1),
             stop: AtomicBool::new(false),
@@ -862,6 +867,82 @@ impl ScsiHost {
         Ok(())
     }
 
+    /// Writes zeros to `blocks` blocks from `lba` with WRITE SAME(16): one zero block as data,
+    /// no UNMAP bit, so the blocks read back as zeros and stay allocated. Split to the Block
+    /// Limits' maximum WRITE SAME length and to `WRITE_SAME_MAX_BYTES` per command, so one
+    /// command on a backend that really writes stays well inside the command timeout.
+    /// `Err(Unsupported)` when the disk has no WRITE SAME (ILLEGAL REQUEST: invalid opcode or
+    /// field in the CDB on the first command, or a block too large for a command slot); the
+    /// caller then writes zeros as data. A unit that refused once is not asked again.
+    pub fn write_zeroes(&self, disk: &Disk, lba: u64, blocks: u64) -> Result<(), DriverError> {
+        if disk.readonly {
+            return Err(DriverError::ReadOnly);
+        }
+        if blocks == 0 {
+            return Ok(());
+        }
+        let end = lba
+            .checked_add(blocks)
+            .filter(|&e| e <= disk.blocks)
+            .ok_or_else(|| {
+                DriverError::Invalid(format!(
+                    "write zeroes of blocks {lba}+{blocks} beyond the end of a {}-block disk",
+                    disk.blocks
+                ))
+            })?;
+        let unit = (disk.target, disk.lun);
+        let refused = || self.no_write_same.lock().unwrap_or_else(|p| p.into_inner());
+        if refused().contains(&unit) {
+            return Err(DriverError::Unsupported("WRITE SAME".into()));
+        }
+        let bs = u64::from(disk.block_size.max(1));
+        let limit = disk
+            .block_limits
+            .as_ref()
+            .and_then(|l| l.max_write_same_length)
+            .filter(|&n| n > 0)
+            .unwrap_or(u64::MAX)
+            .min(WRITE_SAME_MAX_BYTES / bs)
+            .clamp(1, u64::from(u32::MAX));
+        // One zero block: on the stack up to 4 KiB blocks (no allocation), else on the heap.
+        let mut small = [0u8; 4096];
+        let mut large = Vec::new();
+        let zero: &[u8] = match small.get_mut(..disk.block_size as usize) {
+            Some(b) => b,
+            None => {
+                large.resize(disk.block_size as usize, 0);
+                &large
+            }
+        };
+        let route = self.route(disk);
+        let mut at = lba;
+        while at < end {
+            // At most `limit`, which fits in u32.
+            let n = (end - at).min(limit) as u32;
+            let cdb = scsi::Cdb::write_same16(at, n, false, false)
+                .map_err(|e| DriverError::Invalid(e.to_string()))?;
+            match self.execute_on(
+                route.queue(),
+                &disk.lun_field,
+                cdb.as_slice(),
+                Data::Out(zero),
+            ) {
+                Ok(_) => at += u64::from(n),
+                Err(e) if at == lba && write_same_refused(&e) => {
+                    log::info!(
+                        "target {} lun {} has no WRITE SAME ({e}); zeros go as data from now on",
+                        disk.target,
+                        disk.lun
+                    );
+                    refused().push(unit);
+                    return Err(DriverError::Unsupported(format!("WRITE SAME: {e}")));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// SYNCHRONIZE CACHE on the whole disk: every completed write is on the backend after.
     pub fn flush(&self, disk: &Disk) -> Result<(), DriverError> {
         let cdb = scsi::Cdb::synchronize_cache10();
@@ -1175,6 +1256,18 @@ impl BlockBuf<'_> {
                 std::slice::from_raw_parts_mut(b[offset..offset + n].as_ptr().cast_mut(), n)
             },
         }
+    }
+}
+
+/// Whether a failed WRITE SAME says the disk does not have it (ILLEGAL REQUEST with INVALID
+/// COMMAND OPERATION CODE or INVALID FIELD IN CDB), or the driver cannot send it (a block
+/// larger than a command slot), rather than that this one command failed. The range was
+/// checked against the disk first, so neither is about the range.
+fn write_same_refused(e: &DriverError) -> bool {
+    match e {
+        DriverError::Scsi(s) => matches!(s.asc_ascq(), Some((0x20 | 0x24, 0x00))),
+        DriverError::Invalid(_) => true,
+        _ => false,
     }
 }
 

@@ -1,10 +1,14 @@
 //! The scheme's view of the host: `block_scheme::BlockDevice` over `virtio_scsi::ScsiHost`.
 //! Disk numbers are the host's discovery order (target, then LUN). Driver errors become Redox
-//! errno values here, after their full text is logged.
+//! errno values here, after their full text is logged. Also the disks' identity (INQUIRY and
+//! VPD data the driver probed), discard (`ScsiHost::discard`: UNMAP or WRITE SAME with UNMAP)
+//! and write zeroes (`ScsiHost::write_zeroes`: WRITE SAME(16) without UNMAP).
 
 use std::sync::Arc;
 
-use block_scheme::{BlockDevice, DiskInfo, Error, Result};
+use block_scheme::{BlockDevice, DiskIdentity, DiskInfo, Error, Result};
+use syscall::error::{EOPNOTSUPP, EROFS};
+use virtio_scsi::disk::Discard;
 use virtio_scsi::{DriverError, ScsiHost};
 
 /// The block devices of one host.
@@ -98,6 +102,50 @@ impl BlockDevice for HostDevices {
     fn flush(&self, disk: usize) -> Result<()> {
         let d = self.disk(disk)?;
         self.host.flush(&d).map_err(|e| errno("flush", disk, e))
+    }
+
+    fn can_discard(&self, disk: usize) -> bool {
+        self.host.disk(disk).is_some_and(|d| {
+            !d.readonly && !self.readonly_targets.contains(&d.target) && d.discard != Discard::None
+        })
+    }
+
+    fn discard(&self, disk: usize, lba: u64, blocks: u64) -> Result<()> {
+        let d = self.disk(disk)?;
+        if d.readonly || self.readonly_targets.contains(&d.target) {
+            return Err(Error::new(EROFS));
+        }
+        if d.discard == Discard::None {
+            return Err(Error::new(EOPNOTSUPP));
+        }
+        self.host
+            .discard(&d, lba, blocks)
+            .map_err(|e| errno("discard", disk, e))
+    }
+
+    fn write_zeroes(&self, disk: usize, lba: u64, blocks: u64) -> Result<()> {
+        let d = self.disk(disk)?;
+        if d.readonly || self.readonly_targets.contains(&d.target) {
+            return Err(Error::new(EROFS));
+        }
+        match self.host.write_zeroes(&d, lba, blocks) {
+            // The scheme writes zero buffers instead; nothing to log.
+            Err(DriverError::Unsupported(_)) => Err(Error::new(EOPNOTSUPP)),
+            r => r.map_err(|e| errno("write zeroes", disk, e)),
+        }
+    }
+
+    fn identity(&self, disk: usize) -> Option<DiskIdentity> {
+        let d = self.host.disk(disk)?;
+        Some(DiskIdentity {
+            vendor: d.vendor.clone(),
+            product: d.product.clone(),
+            revision: d.revision.clone(),
+            serial: d.serial.clone(),
+            wwn: d.wwn.clone(),
+            target: u32::from(d.target),
+            lun: u32::from(d.lun),
+        })
     }
 
     fn stats(&self) -> String {

@@ -29,9 +29,6 @@ pub(crate) const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_OPTION_DATA: u32 = 64 << 10;
 /// Longest option data we skip before giving up on the client (a hard disconnect).
 const MAX_OPTION_SKIP: u32 = 16 << 20;
-/// Size of the zero buffer write-zeroes requests are written from.
-const ZERO_CHUNK: usize = 1 << 20;
-static ZEROES: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
 
 /// What every connection shares.
 pub(crate) struct ConnConfig {
@@ -381,6 +378,7 @@ enum Op {
     Write(Vec<u8>),
     Flush,
     WriteZeroes,
+    Trim,
     /// Refused while reading it: reply with this error.
     Fail(u32),
 }
@@ -521,7 +519,8 @@ fn read_requests(
             proto::CMD_WRITE_ZEROES => {
                 check_write_zeroes(&req, export).map_or_else(Op::Fail, |()| Op::WriteZeroes)
             }
-            // TRIM is not advertised (no discard in the client library), nor is anything else.
+            proto::CMD_TRIM => check_trim(&req, export).map_or_else(Op::Fail, |()| Op::Trim),
+            // Nothing else is advertised.
             _ => Op::Fail(proto::EINVAL),
         };
         if tx.send(Job { req, op }).is_err() {
@@ -579,6 +578,21 @@ fn check_write_zeroes(req: &Request, export: &Export) -> Result<(), u32> {
     }
 }
 
+fn check_trim(req: &Request, export: &Export) -> Result<(), u32> {
+    check_flags(req, proto::CMD_FLAG_FUA)?;
+    if export.read_only {
+        return Err(proto::EPERM);
+    }
+    if !export.can_trim {
+        // Not advertised: a client that sends it anyway gets what any unknown command gets.
+        return Err(proto::EINVAL);
+    }
+    match end(req) {
+        Some(e) if e <= export.size => Ok(()),
+        _ => Err(proto::EINVAL),
+    }
+}
+
 fn execute(job: Job, client: &Client, handle: &Handle, export: &Export, replies: &Replies<'_>) {
     let req = job.req;
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
@@ -601,6 +615,13 @@ fn execute(job: Job, client: &Client, handle: &Handle, export: &Export, replies:
         Op::WriteZeroes => write_zeroes(client, handle, req.offset, u64::from(req.len))
             .and_then(|()| if fua { client.sync(handle) } else { Ok(()) })
             .map(|()| Vec::new()),
+        // The protocol lets a trim discard less than asked: only the whole blocks inside the
+        // range are discarded, so no byte outside it (in a shared edge block) is ever lost.
+        Op::Trim => export
+            .trim_range(req.offset, u64::from(req.len))
+            .map_or(Ok(()), |(at, n)| client.discard(handle, at, n))
+            .and_then(|()| if fua { client.sync(handle) } else { Ok(()) })
+            .map(|()| Vec::new()),
     };
     match result {
         Ok(data) => replies.send(0, req.cookie, &data),
@@ -618,17 +639,18 @@ fn execute(job: Job, client: &Client, handle: &Handle, export: &Export, replies:
     }
 }
 
+/// Zeroes the range through the daemon (WRITE SAME on the device where it has it, zero
+/// buffers written by the daemon otherwise): no zeroes cross the socket. The range was checked
+/// against the export's size, so a short count means the disk shrank meanwhile.
 fn write_zeroes(
     client: &Client,
     handle: &Handle,
     offset: u64,
     len: u64,
 ) -> Result<(), ClientError> {
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(ZERO_CHUNK as u64) as usize;
-        client.write_all_at(handle, offset + done, &ZEROES[..n])?;
-        done += n as u64;
+    let n = client.write_zeroes(handle, offset, len)?;
+    if n < len {
+        return Err(ClientError::from_errno(syscall::error::ENOSPC));
     }
     Ok(())
 }
@@ -653,6 +675,7 @@ mod tests {
             size: 1 << 20,
             block_size: 512,
             read_only,
+            can_trim: !read_only,
         }
     }
 
@@ -715,5 +738,28 @@ mod tests {
             check_write_zeroes(&req(6, 0, 0, 1), &export(true)),
             Err(proto::EPERM)
         );
+    }
+
+    #[test]
+    fn trim_checks() {
+        let e = export(false);
+        assert_eq!(
+            check_trim(&req(4, proto::CMD_FLAG_FUA, 0, 1 << 20), &e),
+            Ok(())
+        );
+        assert_eq!(check_trim(&req(4, 0, 1, 1 << 20), &e), Err(proto::EINVAL));
+        assert_eq!(
+            check_trim(&req(4, proto::CMD_FLAG_NO_HOLE, 0, 512), &e),
+            Err(proto::EINVAL)
+        );
+        assert_eq!(
+            check_trim(&req(4, 0, 0, 512), &export(true)),
+            Err(proto::EPERM)
+        );
+        let cannot = Export {
+            can_trim: false,
+            ..export(false)
+        };
+        assert_eq!(check_trim(&req(4, 0, 0, 512), &cannot), Err(proto::EINVAL));
     }
 }

@@ -2,13 +2,15 @@
 //! client library, and the mapping of client-library errors to NBD error values.
 //!
 //! Owns: export names (the scheme's root listing: `0`, `1`, `0p1`, ...; the empty name is the
-//! first of them), each export's size, block size and read-only state (from `stat`), the
-//! transmission flags and block-size constraints advertised for it, and errno mapping.
+//! first of them), each export's size, block size and read-only state (from `stat`) and
+//! whether it can trim (the daemon's identity reply: the disk can discard), the transmission
+//! flags and block-size constraints advertised for it, and errno mapping.
 
 use syscall::error::{
-    EACCES, EBUSY, EDQUOT, EFBIG, EINVAL, ENODEV, ENOENT, ENOLCK, ENOSPC, EOVERFLOW, EPERM, EROFS,
-    ESHUTDOWN,
+    EACCES, EBUSY, EDQUOT, EFBIG, EINVAL, ENODEV, ENOENT, ENOLCK, ENOSPC, EOPNOTSUPP, EOVERFLOW,
+    EPERM, EROFS, ESHUTDOWN,
 };
+use syscall::flag::O_STAT;
 use vscsi_ipc::{Client, ClientError};
 
 use crate::proto;
@@ -27,6 +29,8 @@ pub struct Export {
     pub block_size: u32,
     /// The disk refuses writes.
     pub read_only: bool,
+    /// The disk can discard: `NBD_CMD_TRIM` is advertised and served.
+    pub can_trim: bool,
 }
 
 impl Export {
@@ -36,17 +40,30 @@ impl Export {
     }
 
     /// Transmission flags: flush always (it is harmless on a read-only disk); FUA and write
-    /// zeroes only when writable; multi-connection, since every connection reaches the same
-    /// daemon and a flush there (SYNCHRONIZE CACHE) covers every completed write of the disk.
-    /// Never `NBD_FLAG_SEND_TRIM`: the client library has no discard yet.
+    /// zeroes only when writable; trim only when writable and the disk can discard;
+    /// multi-connection, since every connection reaches the same daemon and a flush there
+    /// (SYNCHRONIZE CACHE) covers every completed write of the disk.
     pub fn transmission_flags(&self) -> u16 {
         let mut f = proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH | proto::FLAG_CAN_MULTI_CONN;
         if self.read_only {
             f |= proto::FLAG_READ_ONLY;
         } else {
             f |= proto::FLAG_SEND_FUA | proto::FLAG_SEND_WRITE_ZEROES;
+            if self.can_trim {
+                f |= proto::FLAG_SEND_TRIM;
+            }
         }
         f
+    }
+
+    /// The whole blocks inside `[offset, offset + len)`, as (offset, length): what a trim of
+    /// that range discards (the protocol lets a server round a trim inward). `None` when no
+    /// whole block lies inside, or the range overflows.
+    pub fn trim_range(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let bs = u64::from(self.block_size.max(1));
+        let start = offset.checked_next_multiple_of(bs)?;
+        let end = offset.checked_add(len)? / bs * bs;
+        (start < end).then(|| (start, end - start))
     }
 
     /// (minimum, preferred, maximum) block sizes: any byte range works (the scheme does
@@ -135,15 +152,24 @@ pub fn lookup(client: &Client, name: &str) -> Result<Export, LookupError> {
     })
 }
 
-/// Describes the listed export `name` (no listing look-up).
+/// Describes the listed export `name` (no listing look-up): its status and whether its disk
+/// can discard, through one status-only handle.
 pub fn describe(client: &Client, name: &str) -> Result<Export, ClientError> {
-    let st = client.stat_path(&format!("/{name}"))?;
+    let h = client.open_with_flags(&format!("/{name}"), O_STAT)?;
+    let got = client
+        .stat(&h)
+        .and_then(|st| Ok((st, client.identity(&h)?)));
+    let closed = client.close(h);
+    let (st, details) = got?;
+    closed?;
+    // No write permission bit: the scheme reports a read-only disk as 0o444.
+    let read_only = st.mode & 0o222 == 0;
     Ok(Export {
         name: name.to_owned(),
         size: st.size,
         block_size: st.block_size,
-        // No write permission bit: the scheme reports a read-only disk as 0o444.
-        read_only: st.mode & 0o222 == 0,
+        read_only,
+        can_trim: details.can_discard && !read_only,
     })
 }
 
@@ -162,6 +188,7 @@ pub fn nbd_errno(e: &ClientError) -> u32 {
             EROFS | EPERM | EACCES => proto::EPERM,
             ENOSPC | EDQUOT | EFBIG => proto::ENOSPC,
             EINVAL | EOVERFLOW => proto::EINVAL,
+            EOPNOTSUPP => proto::ENOTSUP,
             ESHUTDOWN => proto::ESHUTDOWN,
             _ => proto::EIO,
         },
@@ -182,6 +209,7 @@ mod tests {
             size: 1 << 20,
             block_size,
             read_only,
+            can_trim: false,
         }
     }
 
@@ -193,14 +221,33 @@ mod tests {
         assert_ne!(rw & proto::FLAG_SEND_FUA, 0);
         assert_ne!(rw & proto::FLAG_SEND_WRITE_ZEROES, 0);
         assert_eq!(rw & proto::FLAG_READ_ONLY, 0);
-        assert_eq!(
-            rw & proto::FLAG_SEND_TRIM,
-            0,
-            "no discard in the client library"
-        );
+        assert_eq!(rw & proto::FLAG_SEND_TRIM, 0, "the disk cannot discard");
+        let trim = Export {
+            can_trim: true,
+            ..export(false, 512)
+        };
+        assert_ne!(trim.transmission_flags() & proto::FLAG_SEND_TRIM, 0);
         let ro = export(true, 512).transmission_flags();
         assert_ne!(ro & proto::FLAG_READ_ONLY, 0);
         assert_eq!(ro & proto::FLAG_SEND_WRITE_ZEROES, 0);
+        let ro_trim = Export {
+            can_trim: true,
+            ..export(true, 512)
+        };
+        assert_eq!(ro_trim.transmission_flags() & proto::FLAG_SEND_TRIM, 0);
+    }
+
+    #[test]
+    fn trims_round_inward_to_whole_blocks() {
+        let e = export(false, 4096);
+        assert_eq!(e.trim_range(0, 8192), Some((0, 8192)));
+        assert_eq!(e.trim_range(1, 8192), Some((4096, 4096)));
+        assert_eq!(e.trim_range(100, 4000), None);
+        assert_eq!(e.trim_range(4095, 4098), Some((4096, 4096)));
+        assert_eq!(e.trim_range(0, 4095), None);
+        assert_eq!(e.trim_range(0, 0), None);
+        assert_eq!(e.trim_range(u64::MAX - 10, 5), None);
+        assert_eq!(e.trim_range(4096, u64::MAX), None, "overflow");
     }
 
     #[test]
@@ -218,6 +265,7 @@ mod tests {
         assert_eq!(nbd_errno(&e(ENOSPC)), proto::ENOSPC);
         assert_eq!(nbd_errno(&e(EFBIG)), proto::ENOSPC);
         assert_eq!(nbd_errno(&e(EINVAL)), proto::EINVAL);
+        assert_eq!(nbd_errno(&e(EOPNOTSUPP)), proto::ENOTSUP);
         assert_eq!(nbd_errno(&e(syscall::error::EIO)), proto::EIO);
         assert_eq!(nbd_errno(&e(ENODEV)), proto::EIO);
         assert_eq!(nbd_errno(&ClientError::Disconnected), proto::EIO);

@@ -18,13 +18,16 @@
 //!   `NBD_INFO_DESCRIPTION` on request), `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`; the empty
 //!   export name is the first export;
 //! - transmission flags `HAS_FLAGS`, `SEND_FLUSH`, `CAN_MULTI_CONN`, and `SEND_FUA` +
-//!   `SEND_WRITE_ZEROES` for writable disks or `READ_ONLY` for read-only ones. Not
-//!   `SEND_TRIM`: the client library has no discard yet;
-//! - `NBD_CMD_READ`, `WRITE` (FUA: write, then flush), `FLUSH`, `WRITE_ZEROES` (zero buffers
-//!   written through the client; `NO_HOLE` holds trivially), `DISC`. Anything else, unknown
-//!   flags, and ranges past the end get an error reply: reads `EINVAL`, writes `ENOSPC`,
-//!   writes to a read-only export `EPERM`, longer than 32 MiB `EINVAL`; daemon errors map to
-//!   `EIO`/`EPERM`/`ENOSPC`/`EINVAL`. A read is never answered short.
+//!   `SEND_WRITE_ZEROES` for writable disks or `READ_ONLY` for read-only ones; `SEND_TRIM`
+//!   for writable disks that can discard (the daemon's identity reply says so);
+//! - `NBD_CMD_READ`, `WRITE` (FUA: write, then flush), `FLUSH`, `WRITE_ZEROES` (the daemon's
+//!   write zeroes: WRITE SAME without UNMAP on the device, or zero buffers the daemon writes;
+//!   never a hole, so `NO_HOLE` holds), `TRIM` (the whole blocks inside the range are
+//!   discarded, as the protocol allows; FUA: then a flush), `DISC`. Anything else, unknown
+//!   flags, and ranges past the end get an error reply: reads and trims `EINVAL`, writes
+//!   `ENOSPC`, writes and trims to a read-only export `EPERM`, longer than 32 MiB `EINVAL`;
+//!   daemon errors map to `EIO`/`EPERM`/`ENOSPC`/`EINVAL`/`ENOTSUP`. A read is never answered
+//!   short.
 //!
 //! ```no_run
 //! use nbd_gateway::{Gateway, GatewayConfig, ListenAddr};

@@ -35,7 +35,7 @@ pub const FLAG_READ_ONLY: u16 = 1 << 1;
 pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
 /// Transmission flag: `NBD_CMD_FLAG_FUA` is supported.
 pub const FLAG_SEND_FUA: u16 = 1 << 3;
-/// Transmission flag: `NBD_CMD_TRIM` is supported (never set here: no discard yet).
+/// Transmission flag: `NBD_CMD_TRIM` is supported (set for writable exports that can discard).
 pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 /// Transmission flag: `NBD_CMD_WRITE_ZEROES` and `NBD_CMD_FLAG_NO_HOLE` are supported.
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;

@@ -29,10 +29,18 @@ struct MemDisk {
     readonly: bool,
 }
 
+/// Disk 1 can discard (discarded blocks read back as [`DISCARDED`]) and has a write-zeroes
+/// command; disks 0 and 2 have neither (write zeroes then go as zero buffers).
 struct MemDevice {
     disks: Vec<MemDisk>,
     flushes: AtomicU64,
+    /// (lba, blocks) of every discard.
+    discards: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Blocks zeroed by the write-zeroes command.
+    zeroed_blocks: AtomicU64,
 }
+
+const DISCARDED: u8 = 0xD5;
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -60,6 +68,8 @@ impl MemDevice {
                 disk(512, MIB / 2, true, 3),
             ],
             flushes: AtomicU64::new(0),
+            discards: std::sync::Mutex::new(Vec::new()),
+            zeroed_blocks: AtomicU64::new(0),
         }
     }
 
@@ -97,6 +107,32 @@ impl BlockDevice for MemDevice {
 
     fn flush(&self, _disk: usize) -> block_scheme::Result<()> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn can_discard(&self, disk: usize) -> bool {
+        disk == 1
+    }
+
+    fn discard(&self, disk: usize, lba: u64, blocks: u64) -> block_scheme::Result<()> {
+        assert_eq!(disk, 1, "discard on a disk that cannot");
+        let d = &self.disks[disk];
+        let bs = u64::from(d.block_size);
+        let (off, len) = ((lba * bs) as usize, (blocks * bs) as usize);
+        d.data.write().unwrap()[off..off + len].fill(DISCARDED);
+        self.discards.lock().unwrap().push((lba, blocks));
+        Ok(())
+    }
+
+    fn write_zeroes(&self, disk: usize, lba: u64, blocks: u64) -> block_scheme::Result<()> {
+        if disk != 1 {
+            return Err(syscall::Error::new(syscall::error::EOPNOTSUPP));
+        }
+        let d = &self.disks[disk];
+        let bs = u64::from(d.block_size);
+        let (off, len) = ((lba * bs) as usize, (blocks * bs) as usize);
+        d.data.write().unwrap()[off..off + len].fill(0);
+        self.zeroed_blocks.fetch_add(blocks, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -423,7 +459,11 @@ fn negotiation_lists_and_describes_exports() {
         | proto::FLAG_SEND_FUA
         | proto::FLAG_SEND_WRITE_ZEROES
         | proto::FLAG_CAN_MULTI_CONN;
-    for (name, size, bs) in [("0", 2 * MIB, 512u32), ("1", MIB, 4096)] {
+    // Disk 1 can discard: TRIM as well.
+    for (name, size, bs, flags) in [
+        ("0", 2 * MIB, 512u32, rw_flags),
+        ("1", MIB, 4096, rw_flags | proto::FLAG_SEND_TRIM),
+    ] {
         let i = c
             .info(
                 proto::OPT_INFO,
@@ -436,7 +476,7 @@ fn negotiation_lists_and_describes_exports() {
             )
             .unwrap_or_else(|e| panic!("INFO {name}: {e:?}"));
         assert_eq!(i.size, size);
-        assert_eq!(i.flags, rw_flags, "export {name} flags");
+        assert_eq!(i.flags, flags, "export {name} flags");
         assert_eq!(i.block_sizes, Some((1, bs, 32 << 20)));
         assert_eq!(i.name.as_deref(), Some(name));
         assert!(i.description.unwrap().starts_with("disk.virtio-scsi:/"));
@@ -606,6 +646,60 @@ fn reads_writes_flushes_and_zeroes_reach_the_disk() {
 }
 
 #[test]
+fn trim_discards_the_whole_blocks_inside_and_zeroes_use_the_device() {
+    let setup = Setup::start();
+    let dev = &setup.device;
+    // Disk 0 cannot discard: no TRIM flag. Disk 1 (4096-byte blocks) can.
+    let g0 = setup.nbd().go("0");
+    assert_eq!(g0.flags & proto::FLAG_SEND_TRIM, 0);
+    let mut c = setup.nbd();
+    let g = c.go("1");
+    assert_ne!(g.flags & proto::FLAG_SEND_TRIM, 0, "flags {:#x}", g.flags);
+    assert_eq!(g.size, MIB);
+
+    // Aligned: exactly that range.
+    let before = dev.bytes(1, 0, MIB as usize);
+    assert_eq!(c.cmd(proto::CMD_TRIM, 0, 8192, 16384, &[]), 0);
+    let mut want = before.clone();
+    want[8192..24576].fill(DISCARDED);
+    assert_eq!(dev.bytes(1, 0, MIB as usize), want);
+    // Unaligned: only the whole blocks inside (4096..12288 of 100..12388); the edges kept.
+    assert_eq!(c.cmd(proto::CMD_TRIM, 0, 65536 + 100, 12288, &[]), 0);
+    want[65536 + 4096..65536 + 12288].fill(DISCARDED);
+    assert_eq!(dev.bytes(1, 0, MIB as usize), want);
+    // Less than a block: nothing to discard, success.
+    assert_eq!(c.cmd(proto::CMD_TRIM, 0, 200_000, 4000, &[]), 0);
+    assert_eq!(
+        *dev.discards.lock().unwrap(),
+        vec![(2, 4), (17, 2)],
+        "(lba, blocks) of each discard"
+    );
+    // FUA: a flush after the discard.
+    let flushes = dev.flushes.load(Ordering::SeqCst);
+    assert_eq!(c.cmd(proto::CMD_TRIM, proto::CMD_FLAG_FUA, 0, 4096, &[]), 0);
+    assert_eq!(dev.flushes.load(Ordering::SeqCst), flushes + 1);
+    // Past the end, overflowing, bad flags: EINVAL, nothing discarded, the connection lives.
+    assert_eq!(
+        c.cmd(proto::CMD_TRIM, 0, MIB - 4096, 8192, &[]),
+        proto::EINVAL
+    );
+    assert_eq!(c.cmd(proto::CMD_TRIM, 0, u64::MAX, 2, &[]), proto::EINVAL);
+    assert_eq!(
+        c.cmd(proto::CMD_TRIM, proto::CMD_FLAG_NO_HOLE, 0, 4096, &[]),
+        proto::EINVAL
+    );
+    assert_eq!(dev.discards.lock().unwrap().len(), 3);
+
+    // Write zeroes on this disk go through the device's command for the whole blocks and
+    // read-modify-write at the edges.
+    assert_eq!(c.cmd(proto::CMD_WRITE_ZEROES, 0, 300_001, 3 * 4096, &[]), 0);
+    assert_eq!(dev.bytes(1, 300_001, 3 * 4096), vec![0; 3 * 4096]);
+    assert_ne!(dev.bytes(1, 300_000, 1), [0]);
+    assert_eq!(dev.zeroed_blocks.load(Ordering::SeqCst), 2);
+    assert_eq!(c.read(300_000, 8).unwrap(), dev.bytes(1, 300_000, 8));
+}
+
+#[test]
 fn read_only_export_refuses_writes() {
     let setup = Setup::start();
     let mut c = setup.nbd();
@@ -618,6 +712,8 @@ fn read_only_export_refuses_writes() {
         c.cmd(proto::CMD_WRITE_ZEROES, 0, 0, 4096, &[]),
         proto::EPERM
     );
+    assert_eq!(g.flags & proto::FLAG_SEND_TRIM, 0);
+    assert_eq!(c.cmd(proto::CMD_TRIM, 0, 0, 4096, &[]), proto::EPERM);
     assert_eq!(c.cmd(proto::CMD_FLUSH, 0, 0, 0, &[]), 0);
     assert_eq!(setup.device.bytes(2, 0, 4096), before);
     assert_eq!(c.read(0, 4096).unwrap(), before);

@@ -21,6 +21,10 @@
 //! run many requests from one thread with no copy and no system call per request while the
 //! server is busy. `read_at`/`write_at` keep working on any buffer (one copy through the
 //! arena). Open, close, stat and the rest stay on the socket.
+//!
+//! [`Client::discard`] and [`Client::write_zeroes`] move no data (one request each, on the
+//! socket); [`Client::identity`] tells who a disk is (vendor, product, serial, WWN, SCSI
+//! address) and whether it can discard.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read};
@@ -188,6 +192,18 @@ impl OpenFlags {
             (false, false) => 0,
         }
     }
+}
+
+/// Who a disk is: vendor, product, revision, serial, WWN, SCSI target and LUN.
+pub use block_scheme::DiskIdentity;
+
+/// What [`Client::identity`] says about a handle's disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskDetails {
+    /// Who the disk is; `None` for the root, or when the device does not say.
+    pub identity: Option<DiskIdentity>,
+    /// [`Client::discard`] can work on the disk (it is writable and its device can discard).
+    pub can_discard: bool,
 }
 
 /// Status of an open handle.
@@ -939,6 +955,72 @@ impl Client {
     pub fn sync(&self, h: &Handle) -> Result<(), ClientError> {
         self.check_handle(h)?;
         self.inner.call(&Request::Fsync { handle: h.id }).map(drop)
+    }
+
+    /// Discards `len` bytes at `offset`: whole blocks (offset and length multiples of the
+    /// block size, the range inside the disk or partition, else `EINVAL`). Afterwards the
+    /// range reads back as whatever the device makes of discarded blocks (zeroes on a disk
+    /// that deallocates, else possibly the old data) until it is written again. `EOPNOTSUPP`
+    /// when the disk cannot discard ([`DiskDetails::can_discard`]), `EROFS` when it is
+    /// read-only, `EBADF` for a handle opened without write access.
+    pub fn discard(&self, h: &Handle, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.check_handle(h)?;
+        self.inner
+            .call(&Request::Discard {
+                handle: h.id,
+                offset,
+                len,
+            })
+            .map(drop)
+    }
+
+    /// Writes `len` zero bytes at `offset` without sending them (the device's write-zeroes
+    /// command where it has one); returns the bytes zeroed, short only when the range crosses
+    /// the end of the device (`ENOSPC` at or past it), as [`Client::write_at`].
+    pub fn write_zeroes(&self, h: &Handle, offset: u64, len: u64) -> Result<u64, ClientError> {
+        self.check_handle(h)?;
+        if len == 0 {
+            return Ok(0);
+        }
+        let reply = self.inner.call(&Request::WriteZeroes {
+            handle: h.id,
+            offset,
+            len,
+        })?;
+        if reply.value > len {
+            return Err(protocol_err(format!(
+                "write zeroes reply says {} bytes for a {len}-byte request",
+                reply.value
+            )));
+        }
+        Ok(reply.value)
+    }
+
+    /// Who the handle's disk is, and whether it can discard. Works on `O_STAT` handles.
+    pub fn identity(&self, h: &Handle) -> Result<DiskDetails, ClientError> {
+        self.check_handle(h)?;
+        let reply = self.inner.call(&Request::Identity { handle: h.id })?;
+        let identity = if reply.payload.is_empty() {
+            None
+        } else {
+            let id = protocol::decode_identity(&reply.payload)
+                .map_err(|e| protocol_err(e.to_string()))?;
+            Some(id)
+        };
+        Ok(DiskDetails {
+            identity,
+            can_discard: reply.value & protocol::CAP_DISCARD != 0,
+        })
+    }
+
+    /// Opens `path` for status only (`O_STAT`) and returns [`Client::identity`] of it.
+    pub fn identity_path(&self, path: &str) -> Result<DiskDetails, ClientError> {
+        let h = self.open_with_flags(path, O_STAT)?;
+        let details = self.identity(&h);
+        let closed = self.close(h);
+        let details = details?;
+        closed?;
+        Ok(details)
     }
 
     /// Status of the handle.

@@ -65,7 +65,7 @@ pub mod shm;
 pub mod shm_client;
 pub mod shm_server;
 
-pub use client::{Client, ClientError, Handle, OpenFlags, Stat};
+pub use client::{Client, ClientError, DiskDetails, DiskIdentity, Handle, OpenFlags, Stat};
 pub use errno::{errno_name, errno_text};
 pub use server::{Server, ServerConfig, ShutdownHandle, default_socket_path};
 pub use shm_client::{ArenaBuf, Completion, PrepError, Ticket};

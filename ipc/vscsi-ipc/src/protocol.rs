@@ -25,8 +25,9 @@
 //!  6   2   reserved     must be 0
 //!  8   8   tag          chosen by the client, echoed in the reply
 //! 16   8   handle       handle id from an Open reply (0 when unused)
-//! 24   8   offset       byte offset for Read/Write (0 when unused)
-//! 32   8   arg          Open: Redox O_* flags; Read: length (<= MAX_PAYLOAD); else 0
+//! 24   8   offset       byte offset for Read/Write/Discard/WriteZeroes (0 when unused)
+//! 32   8   arg          Open: Redox O_* flags; Read: length (<= MAX_PAYLOAD);
+//!                       Discard, WriteZeroes: length in bytes (any u64); else 0
 //! 40   4   payload_len  Open: path bytes (<= MAX_PATH); Write: data (<= MAX_PAYLOAD);
 //!                       Hello: client name (<= MAX_NAME); else 0
 //! 44   4   reserved     must be 0
@@ -62,6 +63,29 @@
 //! | 9  | Close | handle                           | 0                    | —                      |
 //! | 10 | Stats | —                                | 0                    | driver counters (UTF-8 text) |
 //! | 11 | ShmSetup | arg: arena bytes (0: default) | arena bytes          | [`crate::shm::ShmInfo`], 4 fds attached |
+//! | 12 | Discard | handle, offset, arg: length     | 0                    | —                      |
+//! | 13 | Identity | handle                         | capability bits      | identity, or empty     |
+//! | 14 | WriteZeroes | handle, offset, arg: length  | bytes zeroed         | —                      |
+//!
+//! Discard takes whole blocks of the handle's disk or partition (offset and length multiples
+//! of the block size, the range inside it; else `EINVAL`); `EOPNOTSUPP` when the disk cannot
+//! discard, `EROFS` when it is read-only, `EBADF` without write access (see
+//! `block_scheme::DiskScheme::discard`). WriteZeroes is a write of zero bytes at any offset
+//! and length, with every rule of Write (short count across the end, `ENOSPC` at it).
+//!
+//! Identity works on any handle, `O_STAT` ones too. Its reply value holds capability bits
+//! ([`CAP_DISCARD`]: Discard can work on this disk; other bits are 0 and a client must ignore
+//! any it does not know). Its payload is empty when the device says nothing about itself (and
+//! for the root), else the disk's identity, field by field ([`encode_identity`]):
+//! ```text
+//! off size field
+//!  0   4   target        SCSI target id (u32)
+//!  4   4   lun           logical unit number (u32)
+//!  8   1   present       bit 0: serial present, bit 1: wwn present; other bits 0
+//!  9   ..  five strings, each a u16 length then that many UTF-8 bytes (at most
+//!          MAX_IDENTITY_STRING): vendor, product, revision, serial, wwn (an absent one: length 0)
+//! ```
+//! Nothing may follow the last string.
 //!
 //! ShmSetup starts the shared-memory transport for the connection (see [`crate::shm`]): the
 //! reply frame carries the ring, arena and two doorbell descriptors (SCM_RIGHTS, attached to
@@ -96,6 +120,7 @@
 use std::fmt;
 use std::io::{self, Read};
 
+use block_scheme::DiskIdentity;
 use syscall::data::Stat;
 use syscall::error::{EMSGSIZE, ENAMETOOLONG, ENOSYS, EPROTO, EPROTONOSUPPORT};
 
@@ -119,6 +144,13 @@ pub const MAX_NAME: usize = 256;
 pub const STAT_WIRE_LEN: usize = 88;
 /// Statuses at or above this are not errno values.
 pub const MAX_ERRNO: u32 = 4096;
+/// Identity reply value bit: the disk can discard (a Discard request can work).
+pub const CAP_DISCARD: u64 = 1;
+/// Longest string of an identity payload, in bytes (longer ones are cut, at a character
+/// boundary, by the encoder).
+pub const MAX_IDENTITY_STRING: usize = 1024;
+/// Largest identity payload: the fixed part and five strings at their longest.
+pub const MAX_IDENTITY_LEN: usize = 9 + 5 * (2 + MAX_IDENTITY_STRING);
 
 /// The operation a request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -146,6 +178,12 @@ pub enum Opcode {
     Stats = 10,
     /// Start the shared-memory transport.
     ShmSetup = 11,
+    /// Discard whole blocks.
+    Discard = 12,
+    /// Identity and capabilities of a handle's disk.
+    Identity = 13,
+    /// Write zero bytes.
+    WriteZeroes = 14,
 }
 
 impl Opcode {
@@ -163,6 +201,9 @@ impl Opcode {
             9 => Opcode::Close,
             10 => Opcode::Stats,
             11 => Opcode::ShmSetup,
+            12 => Opcode::Discard,
+            13 => Opcode::Identity,
+            14 => Opcode::WriteZeroes,
             _ => return None,
         })
     }
@@ -181,6 +222,9 @@ impl Opcode {
             Opcode::Close => "close",
             Opcode::Stats => "stats",
             Opcode::ShmSetup => "shm-setup",
+            Opcode::Discard => "discard",
+            Opcode::Identity => "identity",
+            Opcode::WriteZeroes => "write-zeroes",
         }
     }
 }
@@ -214,6 +258,12 @@ pub enum Request {
     Stats,
     /// Start the shared-memory transport with an arena of `arena_bytes` (0: server default).
     ShmSetup { arena_bytes: u64 },
+    /// Discard `len` bytes (whole blocks) at `offset`.
+    Discard { handle: u64, offset: u64, len: u64 },
+    /// Identity and capabilities.
+    Identity { handle: u64 },
+    /// Write `len` zero bytes at `offset`.
+    WriteZeroes { handle: u64, offset: u64, len: u64 },
 }
 
 impl Request {
@@ -231,6 +281,9 @@ impl Request {
             Request::Close { .. } => Opcode::Close,
             Request::Stats => Opcode::Stats,
             Request::ShmSetup { .. } => Opcode::ShmSetup,
+            Request::Discard { .. } => Opcode::Discard,
+            Request::Identity { .. } => Opcode::Identity,
+            Request::WriteZeroes { .. } => Opcode::WriteZeroes,
         }
     }
 
@@ -257,7 +310,18 @@ impl Request {
                 len,
             } => (handle, offset, u64::from(len)),
             Request::Write { handle, offset, .. } => (handle, offset, 0),
+            Request::Discard {
+                handle,
+                offset,
+                len,
+            }
+            | Request::WriteZeroes {
+                handle,
+                offset,
+                len,
+            } => (handle, offset, len),
             Request::Fsync { handle }
+            | Request::Identity { handle }
             | Request::Fstat { handle }
             | Request::Fsize { handle }
             | Request::Fpath { handle }
@@ -411,7 +475,7 @@ pub struct RequestHeader {
     pub handle: u64,
     /// Byte offset (0 when unused).
     pub offset: u64,
-    /// Open flags or Read length (0 when unused).
+    /// Open flags, Read/Discard/WriteZeroes length, ShmSetup arena bytes (0 when unused).
     pub arg: u64,
     /// Payload bytes following the header.
     pub payload_len: u32,
@@ -494,9 +558,13 @@ impl RequestHeader {
             Opcode::Open => (false, false, true, MAX_PATH, ENAMETOOLONG),
             Opcode::Read => (true, true, true, 0, EMSGSIZE),
             Opcode::Write => (true, true, false, MAX_PAYLOAD, EMSGSIZE),
-            Opcode::Fsync | Opcode::Fstat | Opcode::Fsize | Opcode::Fpath | Opcode::Close => {
-                (true, false, false, 0, EMSGSIZE)
-            }
+            Opcode::Fsync
+            | Opcode::Fstat
+            | Opcode::Fsize
+            | Opcode::Fpath
+            | Opcode::Close
+            | Opcode::Identity => (true, false, false, 0, EMSGSIZE),
+            Opcode::Discard | Opcode::WriteZeroes => (true, true, true, 0, EMSGSIZE),
             Opcode::Stats => (false, false, false, 0, EMSGSIZE),
             Opcode::ShmSetup => (false, false, true, 0, EMSGSIZE),
         };
@@ -577,6 +645,17 @@ impl RequestHeader {
             Opcode::Stats => Request::Stats,
             Opcode::ShmSetup => Request::ShmSetup {
                 arena_bytes: self.arg,
+            },
+            Opcode::Discard => Request::Discard {
+                handle: h,
+                offset: self.offset,
+                len: self.arg,
+            },
+            Opcode::Identity => Request::Identity { handle: h },
+            Opcode::WriteZeroes => Request::WriteZeroes {
+                handle: h,
+                offset: self.offset,
+                len: self.arg,
             },
         })
     }
@@ -973,4 +1052,233 @@ pub fn decode_stat(b: &[u8]) -> Result<Stat, FrameError> {
         st_atime_nsec: le_u32(b, 80),
         st_ctime_nsec: le_u32(b, 84),
     })
+}
+
+/// `s` cut to at most [`MAX_IDENTITY_STRING`] bytes, at a character boundary.
+fn identity_str(s: &str) -> &str {
+    if s.len() <= MAX_IDENTITY_STRING {
+        return s;
+    }
+    let mut end = MAX_IDENTITY_STRING;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Encodes an identity payload (see the module comment). Strings longer than
+/// [`MAX_IDENTITY_STRING`] bytes are cut at a character boundary; the result is at most
+/// [`MAX_IDENTITY_LEN`] bytes.
+pub fn encode_identity(id: &DiskIdentity) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64);
+    b.extend_from_slice(&id.target.to_le_bytes());
+    b.extend_from_slice(&id.lun.to_le_bytes());
+    b.push(u8::from(id.serial.is_some()) | u8::from(id.wwn.is_some()) << 1);
+    for s in [
+        id.vendor.as_str(),
+        id.product.as_str(),
+        id.revision.as_str(),
+        id.serial.as_deref().unwrap_or(""),
+        id.wwn.as_deref().unwrap_or(""),
+    ] {
+        let s = identity_str(s);
+        // At most MAX_IDENTITY_STRING bytes, which fits in u16.
+        b.extend_from_slice(&(s.len() as u16).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    }
+    b
+}
+
+/// Decodes an identity payload, checking every field: the lengths against the payload and
+/// [`MAX_IDENTITY_STRING`], UTF-8, the presence bits (unknown bits, or an absent string that
+/// is not empty, are errors), and that nothing follows the last string.
+pub fn decode_identity(b: &[u8]) -> Result<DiskIdentity, FrameError> {
+    let bad = |why: String| FrameError::new(None, Some(Opcode::Identity), EPROTO, why);
+    if b.len() > MAX_IDENTITY_LEN {
+        return Err(bad(format!("identity payload of {} bytes", b.len())));
+    }
+    let Some(&present) = b.get(8) else {
+        return Err(bad(format!("identity payload of {} bytes", b.len())));
+    };
+    if present & !0b11 != 0 {
+        return Err(bad(format!("identity presence bits {present:#x}")));
+    }
+    let mut at = 9usize;
+    let mut strings: Vec<String> = Vec::with_capacity(5);
+    for name in ["vendor", "product", "revision", "serial", "wwn"] {
+        if b.len() < at + 2 {
+            return Err(bad(format!("identity ends before its {name}")));
+        }
+        let len = usize::from(le_u16(b, at));
+        at += 2;
+        if len > MAX_IDENTITY_STRING {
+            return Err(bad(format!("identity {name} of {len} bytes")));
+        }
+        let Some(bytes) = b.get(at..at + len) else {
+            return Err(bad(format!("identity ends inside its {name}")));
+        };
+        at += len;
+        let s =
+            std::str::from_utf8(bytes).map_err(|_| bad(format!("identity {name} is not UTF-8")))?;
+        strings.push(s.to_owned());
+    }
+    if at != b.len() {
+        return Err(bad(format!(
+            "{} bytes after the identity's last string",
+            b.len() - at
+        )));
+    }
+    let (has_serial, has_wwn) = (present & 1 != 0, present & 2 != 0);
+    let mut it = strings.into_iter();
+    let mut next = || it.next().unwrap_or_default();
+    let (vendor, product, revision, serial, wwn) = (next(), next(), next(), next(), next());
+    if (!has_serial && !serial.is_empty()) || (!has_wwn && !wwn.is_empty()) {
+        return Err(bad("identity has a string marked absent".into()));
+    }
+    Ok(DiskIdentity {
+        vendor,
+        product,
+        revision,
+        serial: has_serial.then_some(serial),
+        wwn: has_wwn.then_some(wwn),
+        target: le_u32(b, 0),
+        lun: le_u32(b, 4),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> DiskIdentity {
+        DiskIdentity {
+            vendor: "QEMU".into(),
+            product: "QEMU HARDDISK".into(),
+            revision: "2.5+".into(),
+            serial: Some("SER-42".into()),
+            wwn: Some("0x5000c500a1b2c3d4".into()),
+            target: 3,
+            lun: 7,
+        }
+    }
+
+    #[test]
+    fn new_requests_round_trip_and_use_only_their_fields() {
+        for (tag, req) in [
+            (
+                1u64,
+                Request::Discard {
+                    handle: 5,
+                    offset: 4096,
+                    len: u64::MAX,
+                },
+            ),
+            (2, Request::Identity { handle: 9 }),
+            (
+                3,
+                Request::WriteZeroes {
+                    handle: 1,
+                    offset: 7,
+                    len: 1 << 40,
+                },
+            ),
+        ] {
+            let bytes = req.encode(tag);
+            assert_eq!(bytes.len(), REQUEST_HEADER_LEN, "no payload");
+            let (t, r, used) = decode_request(&bytes).unwrap();
+            assert_eq!((t, r, used), (tag, req.clone(), bytes.len()));
+            // A payload, or a non-zero field the opcode does not use, is refused.
+            let mut with_payload = bytes.clone();
+            with_payload[40] = 1;
+            with_payload.push(0);
+            let Err(DecodeError::Malformed(e)) = decode_request(&with_payload) else {
+                panic!("{req:?} with a payload was accepted");
+            };
+            assert_eq!(e.errno, EMSGSIZE);
+            if let Request::Identity { .. } = req {
+                let mut b = bytes.clone();
+                b[24] = 1; // offset
+                let Err(DecodeError::Malformed(e)) = decode_request(&b) else {
+                    panic!("identity with an offset was accepted");
+                };
+                assert_eq!(e.errno, EPROTO);
+            }
+        }
+        assert_eq!(Opcode::from_u8(12), Some(Opcode::Discard));
+        assert_eq!(Opcode::from_u8(13), Some(Opcode::Identity));
+        assert_eq!(Opcode::from_u8(14), Some(Opcode::WriteZeroes));
+        assert_eq!(Opcode::from_u8(15), None);
+    }
+
+    #[test]
+    fn identity_round_trips() {
+        let full = identity();
+        assert_eq!(decode_identity(&encode_identity(&full)), Ok(full.clone()));
+        let bare = DiskIdentity {
+            serial: None,
+            wwn: None,
+            ..full.clone()
+        };
+        assert_eq!(decode_identity(&encode_identity(&bare)), Ok(bare));
+        // An empty serial is not an absent one.
+        let empty = DiskIdentity {
+            serial: Some(String::new()),
+            ..full
+        };
+        assert_eq!(decode_identity(&encode_identity(&empty)), Ok(empty));
+        // Long strings are cut at a character boundary.
+        let long = DiskIdentity {
+            vendor: "é".repeat(MAX_IDENTITY_STRING),
+            ..DiskIdentity::default()
+        };
+        let enc = encode_identity(&long);
+        assert!(enc.len() <= MAX_IDENTITY_LEN);
+        let back = decode_identity(&enc).unwrap();
+        assert_eq!(back.vendor.len(), MAX_IDENTITY_STRING);
+        assert!(long.vendor.starts_with(&back.vendor));
+    }
+
+    #[test]
+    fn identity_decoder_refuses_every_malformation() {
+        let good = encode_identity(&identity());
+        // Every strict prefix and every extension is refused, never a panic.
+        for cut in 0..good.len() {
+            assert!(decode_identity(&good[..cut]).is_err(), "prefix {cut}");
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(decode_identity(&longer).is_err());
+        // Unknown presence bits; a string marked absent but present.
+        let mut b = good.clone();
+        b[8] |= 4;
+        assert!(decode_identity(&b).is_err());
+        let mut b = good.clone();
+        b[8] = 0;
+        assert!(decode_identity(&b).is_err());
+        // A length past the end, an overlong string, bad UTF-8.
+        let mut b = good.clone();
+        b[9] = 0xff;
+        assert!(decode_identity(&b).is_err());
+        let mut b = vec![0u8; 9];
+        b.extend_from_slice(&(MAX_IDENTITY_STRING as u16 + 1).to_le_bytes());
+        b.extend(std::iter::repeat_n(b'a', MAX_IDENTITY_STRING + 1));
+        b.extend_from_slice(&[0; 8]);
+        assert!(decode_identity(&b).is_err());
+        let mut b = good.clone();
+        b[11] = 0xff; // first vendor byte
+        assert!(decode_identity(&b).is_err());
+        // Garbage of every small length.
+        let mut x = 0x1234_5678u32;
+        for len in 0..200 {
+            let g: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            let _ = decode_identity(&g);
+        }
+    }
 }

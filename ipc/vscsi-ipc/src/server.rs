@@ -911,6 +911,38 @@ fn execute<D: BlockDevice>(scheme: &DiskScheme<D>, conn: &Conn, tag: u64, req: R
             Ok(ok_frame(op, tag, 0, p.into_bytes()))
         }),
         Request::Close { handle } => close(scheme, conn, tag, handle),
+        Request::Discard {
+            handle,
+            offset,
+            len,
+        } => with_handle(conn, handle, |id| {
+            scheme.discard(id, offset, len)?;
+            Ok(ok_frame(op, tag, 0, Vec::new()))
+        }),
+        Request::WriteZeroes {
+            handle,
+            offset,
+            len,
+        } => with_handle(conn, handle, |id| {
+            let n = scheme.write_zeroes(id, offset, len)?;
+            if n > len {
+                error!("scheme zeroed {n} bytes for a {len}-byte request");
+                return Err(syscall::error::Error::new(EIO));
+            }
+            Ok(ok_frame(op, tag, n, Vec::new()))
+        }),
+        Request::Identity { handle } => with_handle(conn, handle, |id| {
+            let caps = if scheme.can_discard(id)? {
+                protocol::CAP_DISCARD
+            } else {
+                0
+            };
+            let payload = scheme
+                .identity(id)?
+                .map(|i| protocol::encode_identity(&i))
+                .unwrap_or_default();
+            Ok(ok_frame(op, tag, caps, payload))
+        }),
         // Handled by the reader thread; never dispatched.
         Request::ShmSetup { .. } => Err(syscall::error::Error::new(EPROTO)),
         Request::Stats => {

@@ -1,8 +1,8 @@
 //! `vscsi`: command-line client for the `disk.virtio-scsi` block scheme served by virtio-scsid.
 //!
 //! Owns: argument parsing, number parsing (decimal, `0x` hex, K/M/G/T suffixes), streaming
-//! reads to stdout and writes from stdin in chunks, `ls`/`stat` as text or JSON (`--json`),
-//! and one-line error reporting
+//! reads to stdout and writes from stdin in chunks, `ls` (a table) and `stat` as text or JSON
+//! (`--json`) with each disk's SCSI identity, `discard`, and one-line error reporting
 //! (`vscsi: read disk.virtio-scsi:/7: No such file or directory (ENOENT)`, exit status 1;
 //! bad usage exits with 2).
 
@@ -14,7 +14,9 @@ mod bench;
 mod copy;
 
 use clap::{Parser, Subcommand};
-use syscall::flag::{MODE_DIR, MODE_FILE, MODE_PERM, MODE_TYPE};
+use syscall::error::{EINVAL, EOPNOTSUPP};
+use syscall::flag::{MODE_DIR, MODE_FILE, MODE_PERM, MODE_TYPE, O_STAT};
+use vscsi_ipc::client::{DiskDetails, DiskIdentity};
 use vscsi_ipc::{Client, ClientError, OpenFlags, default_socket_path};
 
 /// The scheme this tool talks to.
@@ -46,21 +48,40 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// List the disks with their size and block size
+    /// List the disks and partitions: size, block size, vendor/product and SCSI address
     Ls {
         /// Print one JSON array of {name, path, size, block_size, blocks, mode, kind,
-        /// permissions}
+        /// permissions, vendor, product, revision, serial, wwn, target, lun, can_discard}
         #[arg(long)]
         json: bool,
     },
-    /// Show a disk's size, block size, block count and mode
+    /// Show a disk's size, block size, block count, mode and SCSI identity (vendor, product,
+    /// revision, serial, WWN, target and LUN)
     Stat {
         /// The disk, e.g. disk.virtio-scsi:/0
         path: String,
         /// Print one JSON object {path, size, block_size, blocks, mode, kind, permissions,
-        /// uid, gid}
+        /// uid, gid, vendor, product, revision, serial, wwn, target, lun, can_discard}
         #[arg(long)]
         json: bool,
+    },
+    /// Discard LENGTH bytes at OFFSET of a disk (whole blocks: both must be multiples of the
+    /// block size); the device may then deallocate them
+    #[command(after_help = "\
+The range must lie inside the disk or partition and start and end on block boundaries (no
+rounding, so no byte outside it is ever lost). What the discarded blocks read back as is the
+device's business: a QEMU disk with discard=unmap on a raw image punches a hole in the file
+(zeroes); with QEMU's default (discard=ignore) the old data stays. A read-only disk, or one
+whose device cannot discard, is an error.")]
+    Discard {
+        /// The disk, e.g. disk.virtio-scsi:/0
+        path: String,
+        /// Byte offset to start at (a multiple of the block size)
+        #[arg(long, value_parser = parse_num)]
+        offset: u64,
+        /// Number of bytes to discard (a multiple of the block size)
+        #[arg(long, value_parser = parse_num)]
+        length: u64,
     },
     /// Copy LENGTH bytes at OFFSET of a disk to standard output
     Read {
@@ -261,41 +282,137 @@ fn stat_json(path: &str, st: &vscsi_ipc::Stat) -> serde_json::Map<String, serde_
     m
 }
 
+/// Adds the identity fields (`null` when the device does not say) and `can_discard`.
+fn identity_json(m: &mut serde_json::Map<String, serde_json::Value>, d: &DiskDetails) {
+    let id = d.identity.as_ref();
+    let text = |f: fn(&DiskIdentity) -> Option<&str>| -> serde_json::Value {
+        id.and_then(f).map_or(serde_json::Value::Null, Into::into)
+    };
+    m.insert("vendor".into(), text(|i| Some(&i.vendor)));
+    m.insert("product".into(), text(|i| Some(&i.product)));
+    m.insert("revision".into(), text(|i| Some(&i.revision)));
+    m.insert("serial".into(), text(|i| i.serial.as_deref()));
+    m.insert("wwn".into(), text(|i| i.wwn.as_deref()));
+    let num = |v: Option<u32>| v.map_or(serde_json::Value::Null, Into::into);
+    m.insert("target".into(), num(id.map(|i| i.target)));
+    m.insert("lun".into(), num(id.map(|i| i.lun)));
+    m.insert("can_discard".into(), d.can_discard.into());
+}
+
+/// `target:lun`, or `-` when the device does not say.
+fn lun_address(d: &DiskDetails) -> String {
+    d.identity
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |i| format!("{}:{}", i.target, i.lun))
+}
+
+/// `vendor product`, or `-` when the device does not say.
+fn vendor_product(d: &DiskDetails) -> String {
+    match &d.identity {
+        Some(i) => {
+            let vp = format!("{} {}", i.vendor, i.product);
+            if vp.trim().is_empty() {
+                "-".to_owned()
+            } else {
+                vp.trim().to_owned()
+            }
+        }
+        None => "-".to_owned(),
+    }
+}
+
+/// The status and the identity of `path`, through one `O_STAT` handle (no I/O, no locks).
+fn describe(c: &Client, path: &str) -> Result<(vscsi_ipc::Stat, DiskDetails, String), ClientError> {
+    let h = c.open_with_flags(path, O_STAT)?;
+    let got = c.stat(&h).and_then(|st| {
+        let details = c.identity(&h)?;
+        let canonical = c.fpath(&h)?;
+        Ok((st, details, canonical))
+    });
+    let closed = c.close(h);
+    let got = got?;
+    closed?;
+    Ok(got)
+}
+
+/// Lays out rows in columns: each column as wide as its widest cell, numbers (`right`) aligned
+/// right, two spaces between columns, no trailing blanks.
+fn table(rows: &[Vec<String>], right: &[bool]) -> Vec<String> {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let width: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    rows.iter()
+        .map(|r| {
+            let mut line = String::new();
+            for (c, cell) in r.iter().enumerate() {
+                if c > 0 {
+                    line.push_str("  ");
+                }
+                let pad = width[c].saturating_sub(cell.chars().count());
+                if right.get(c).copied().unwrap_or(false) {
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    if c + 1 < r.len() {
+                        line.push_str(&" ".repeat(pad));
+                    }
+                }
+            }
+            line
+        })
+        .collect()
+}
+
 fn ls(c: &Client, json: bool) -> Result<(), Failure> {
     let entries = c
         .list(SCHEME)
         .map_err(|e| fail(format!("ls {SCHEME}"), e))?;
     let mut out = io::stdout().lock();
     let mut first_err = None;
-    let mut lines = vec![format!(
-        "{:<24} {:>16} {:>6}  {}",
-        "DISK", "BYTES", "BLOCK", "SIZE"
-    )];
+    let mut rows = vec![vec![
+        "DISK".to_owned(),
+        "SIZE".to_owned(),
+        "BLOCK".to_owned(),
+        "VENDOR/PRODUCT".to_owned(),
+        "LUN".to_owned(),
+    ]];
     let mut objects = Vec::new();
     for entry in entries {
         let path = format!("{SCHEME}:/{entry}");
-        match c.stat_path(&path) {
-            Ok(st) if json => {
+        match describe(c, &path) {
+            Ok((st, details, _)) if json => {
                 let mut m = serde_json::Map::new();
                 m.insert("name".into(), entry.as_str().into());
                 m.extend(stat_json(&path, &st));
+                identity_json(&mut m, &details);
                 objects.push(serde_json::Value::Object(m));
             }
-            Ok(st) => lines.push(format!(
-                "{path:<24} {:>16} {:>6}  {}",
-                st.size,
-                st.block_size,
-                human(st.size)
-            )),
+            Ok((st, details, _)) => rows.push(vec![
+                path,
+                human(st.size),
+                st.block_size.to_string(),
+                vendor_product(&details),
+                lun_address(&details),
+            ]),
             Err(e) => {
                 eprintln!("vscsi: ls {path}: {e}");
                 first_err.get_or_insert(fail(format!("ls {path}"), e));
             }
         }
     }
-    if json {
-        lines = vec![serde_json::Value::Array(objects).to_string()];
-    }
+    let lines = if json {
+        vec![serde_json::Value::Array(objects).to_string()]
+    } else {
+        table(&rows, &[false, true, true, false, false])
+    };
     for l in lines {
         writeln!(out, "{l}").map_err(|e| fail("writing to standard output", e))?;
     }
@@ -310,27 +427,42 @@ fn ls(c: &Client, json: bool) -> Result<(), Failure> {
 }
 
 fn stat(c: &Client, path: &str, json: bool) -> Result<(), Failure> {
-    let ctx = || format!("stat {path}");
-    let h = c
-        .open_with_flags(path, syscall::flag::O_STAT)
-        .map_err(|e| fail(ctx(), e))?;
-    let st = c.stat(&h).map_err(|e| fail(ctx(), e))?;
-    let canonical = c.fpath(&h).map_err(|e| fail(ctx(), e))?;
-    c.close(h).map_err(|e| fail(ctx(), e))?;
+    let (st, details, canonical) =
+        describe(c, path).map_err(|e| fail(format!("stat {path}"), e))?;
     let text = if json {
         let mut m = stat_json(&canonical, &st);
         m.insert("uid".into(), st.uid.into());
         m.insert("gid".into(), st.gid.into());
+        identity_json(&mut m, &details);
         format!("{}\n", serde_json::Value::Object(m))
     } else {
-        format!(
+        let mut t = format!(
             "path:       {canonical}\nsize:       {} ({})\nblock size: {}\nblocks:     {}\nmode:       {}\n",
             st.size,
             human(st.size),
             st.block_size,
             st.blocks,
             mode_string(st.mode)
-        )
+        );
+        if let Some(id) = &details.identity {
+            let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
+            t.push_str(&format!(
+                "vendor:     {}\nproduct:    {}\nrevision:   {}\nserial:     {}\nwwn:        {}\n\
+                 target/lun: {}:{}\n",
+                id.vendor,
+                id.product,
+                id.revision,
+                or_none(&id.serial),
+                or_none(&id.wwn),
+                id.target,
+                id.lun
+            ));
+        }
+        if !st.is_dir {
+            let yes = if details.can_discard { "yes" } else { "no" };
+            t.push_str(&format!("discard:    {yes}\n"));
+        }
+        t
     };
     io::stdout()
         .lock()
@@ -396,6 +528,26 @@ fn write(c: &Client, path: &str, offset: u64) -> Result<(), Failure> {
         if n < buf.len() {
             break;
         }
+    }
+    c.close(h).map_err(|e| fail(ctx(), e))
+}
+
+fn discard(c: &Client, path: &str, offset: u64, length: u64) -> Result<(), Failure> {
+    let ctx = || format!("discard {path}");
+    let h = c.open(path, OpenFlags::WRITE).map_err(|e| fail(ctx(), e))?;
+    if let Err(e) = c.discard(&h, offset, length) {
+        // Say why in terms of this disk, not just the errno.
+        let why = match (e.errno(), c.stat(&h)) {
+            (Some(EINVAL), Ok(st)) => format!(
+                "{e}: offset and length must be multiples of the {}-byte block size and the \
+                 range must end by {} (the size)",
+                st.block_size, st.size
+            ),
+            (Some(EOPNOTSUPP), _) => format!("{e}: this disk cannot discard"),
+            _ => e.to_string(),
+        };
+        let _ = c.close(h);
+        return Err(fail(ctx(), why));
     }
     c.close(h).map_err(|e| fail(ctx(), e))
 }
@@ -475,8 +627,9 @@ fn nbd(
         .iter()
         .map(|e| {
             let ro = if e.read_only { ", read-only" } else { "" };
+            let trim = if e.can_trim { ", trim" } else { "" };
             format!(
-                "{} ({} bytes, {}-byte blocks{ro})",
+                "{} ({} bytes, {}-byte blocks{ro}{trim})",
                 e.name, e.size, e.block_size
             )
         })
@@ -555,6 +708,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => read(&c, &path, offset, length),
         Cmd::Write { path, offset } => write(&c, &path, offset),
         Cmd::Sync { path } => sync(&c, &path),
+        Cmd::Discard {
+            path,
+            offset,
+            length,
+        } => discard(&c, &path, offset, length),
         Cmd::Stats => stats(&c),
         Cmd::Bench { .. } => Ok(()),
         Cmd::Nbd { .. } => Ok(()), // served above, without this connection
@@ -604,6 +762,23 @@ mod tests {
     #[test]
     fn cli_definition_is_valid() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let rows = vec![
+            vec!["DISK".into(), "SIZE".into(), "VENDOR".into()],
+            vec!["disk:/0".into(), "4.0 MiB".into(), "QEMU X".into()],
+            vec!["disk:/10".into(), "512 B".into(), "-".into()],
+        ];
+        assert_eq!(
+            table(&rows, &[false, true, false]),
+            vec![
+                "DISK         SIZE  VENDOR",
+                "disk:/0   4.0 MiB  QEMU X",
+                "disk:/10    512 B  -",
+            ]
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, RwLock};
 use std::thread;
 
-use block_scheme::{BlockDevice, DiskInfo, DiskScheme};
+use block_scheme::{BlockDevice, DiskIdentity, DiskInfo, DiskScheme};
 use vscsi_ipc::{Server, ServerConfig, ShutdownHandle};
 
 struct MemDevice {
@@ -38,6 +38,32 @@ impl BlockDevice for MemDevice {
     }
     fn flush(&self, _disk: usize) -> block_scheme::Result<()> {
         Ok(())
+    }
+    /// Disk 0 discards (the blocks read back as 0xDD), disk 1 cannot.
+    fn can_discard(&self, disk: usize) -> bool {
+        disk == 0
+    }
+    fn discard(&self, disk: usize, lba: u64, blocks: u64) -> block_scheme::Result<()> {
+        assert_eq!(disk, 0, "discard on a disk that cannot");
+        let (bs, d) = &self.disks[disk];
+        let (off, len) = (
+            (lba * u64::from(*bs)) as usize,
+            (blocks * u64::from(*bs)) as usize,
+        );
+        d.write().unwrap()[off..off + len].fill(0xDD);
+        Ok(())
+    }
+    /// Disk 0 says who it is; disk 1 does not.
+    fn identity(&self, disk: usize) -> Option<DiskIdentity> {
+        (disk == 0).then(|| DiskIdentity {
+            vendor: "QEMU".into(),
+            product: "QEMU HARDDISK".into(),
+            revision: "2.5+".into(),
+            serial: Some("SER-0".into()),
+            wwn: Some("0x5000c500a1b2c3d4".into()),
+            target: 0,
+            lun: 3,
+        })
     }
 }
 
@@ -136,11 +162,73 @@ fn ls_and_stat() {
     let out = stdout(&o);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
-    assert!(lines[0].starts_with("DISK"));
+    let head: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        head,
+        ["DISK", "SIZE", "BLOCK", "VENDOR/PRODUCT", "LUN"],
+        "{out}"
+    );
     let l0: Vec<&str> = lines[1].split_whitespace().collect();
-    assert_eq!(&l0[..3], &["disk.virtio-scsi:/0", "50331648", "512"]);
+    assert_eq!(
+        l0,
+        [
+            "disk.virtio-scsi:/0",
+            "48.0",
+            "MiB",
+            "512",
+            "QEMU",
+            "QEMU",
+            "HARDDISK",
+            "0:3"
+        ],
+        "{out}"
+    );
     let l1: Vec<&str> = lines[2].split_whitespace().collect();
-    assert_eq!(&l1[..3], &["disk.virtio-scsi:/1", "1048576", "4096"]);
+    assert_eq!(
+        l1,
+        ["disk.virtio-scsi:/1", "1.0", "MiB", "4096", "-", "-"],
+        "{out}"
+    );
+    // The columns line up: every row's LUN starts where the header's does.
+    let col = lines[0].find("LUN").unwrap();
+    assert_eq!(lines[1].find("0:3"), Some(col), "{out}");
+    assert_eq!(lines[2].rfind('-'), Some(col), "{out}");
+
+    let o = f.vscsi(&["ls", "--json"], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v[0]["vendor"], "QEMU");
+    assert_eq!(v[0]["product"], "QEMU HARDDISK");
+    assert_eq!(v[0]["serial"], "SER-0");
+    assert_eq!(v[0]["wwn"], "0x5000c500a1b2c3d4");
+    assert_eq!(
+        (v[0]["target"].as_u64(), v[0]["lun"].as_u64()),
+        (Some(0), Some(3))
+    );
+    assert_eq!(v[0]["can_discard"], true);
+    assert!(v[1]["vendor"].is_null() && v[1]["lun"].is_null(), "{v}");
+    assert_eq!(v[1]["can_discard"], false);
+
+    let o = f.vscsi(&["stat", "/0"], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for line in [
+        "vendor:     QEMU\n",
+        "product:    QEMU HARDDISK\n",
+        "revision:   2.5+\n",
+        "serial:     SER-0\n",
+        "wwn:        0x5000c500a1b2c3d4\n",
+        "target/lun: 0:3\n",
+        "discard:    yes\n",
+    ] {
+        assert!(out.contains(line), "{line:?} in:\n{out}");
+    }
+    let o = f.vscsi(&["stat", "/0", "--json"], b"");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (v["serial"].as_str(), v["lun"].as_u64()),
+        (Some("SER-0"), Some(3))
+    );
 
     let o = f.vscsi(&["stat", "disk.virtio-scsi:/1"], b"");
     assert!(o.status.success(), "{}", stderr(&o));
@@ -150,6 +238,11 @@ fn ls_and_stat() {
     assert!(out.contains("block size: 4096"), "{out}");
     assert!(out.contains("blocks:     256"), "{out}");
     assert!(out.contains("mode:       100644"), "{out}");
+    assert!(
+        !out.contains("vendor:"),
+        "no identity, no identity lines: {out}"
+    );
+    assert!(out.contains("discard:    no\n"), "{out}");
     // --socket may also follow the subcommand.
     let o = run(
         None,
@@ -300,4 +393,55 @@ fn socket_from_environment_and_connect_errors() {
         "{e}"
     );
     assert_eq!(e.lines().count(), 1);
+}
+
+#[test]
+fn discard_whole_blocks_and_clear_errors() {
+    let f = Fixture::new();
+    let before = f.device.disks[0].1.read().unwrap().clone();
+    let o = f.vscsi(&["discard", "/0", "--offset", "1M", "--length", "64K"], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stdout.is_empty() && o.stderr.is_empty());
+    {
+        let d = f.device.disks[0].1.read().unwrap();
+        let (a, b) = (1 << 20, (1 << 20) + (64 << 10));
+        assert!(
+            d[a..b].iter().all(|&x| x == 0xDD),
+            "the range was discarded"
+        );
+        assert!(
+            d[..a] == before[..a] && d[b..] == before[b..],
+            "nothing else"
+        );
+    }
+    // Unaligned: EINVAL, with the block size in the message; nothing changes.
+    let o = f.vscsi(&["discard", "/0", "--offset", "100", "--length", "4K"], b"");
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.starts_with("vscsi: discard /0: Invalid argument (EINVAL): offset and length must be multiples of the 512-byte block size"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1);
+    // Past the end.
+    let o = f.vscsi(
+        &["discard", "/0", "--offset", "48M", "--length", "512"],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    // A disk that cannot discard.
+    let before1 = f.device.disks[1].1.read().unwrap().clone();
+    let o = f.vscsi(&["discard", "/1", "--offset", "0", "--length", "4096"], b"");
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.starts_with("vscsi: discard /1: ")
+            && e.ends_with("(EOPNOTSUPP): this disk cannot discard\n")
+            && e.lines().count() == 1,
+        "{e}"
+    );
+    assert!(*f.device.disks[1].1.read().unwrap() == before1);
+    // Missing arguments are usage errors.
+    let o = f.vscsi(&["discard", "/0", "--offset", "0"], b"");
+    assert_eq!(o.status.code(), Some(2));
 }

@@ -1,9 +1,13 @@
 //! Byte-granular I/O over a region of a block device (a whole disk or one partition):
 //! end-of-region clamping, splitting a byte range into an unaligned head block, whole-block
 //! middle chunks (at most [`MAX_IO_CHUNK`] bytes per device call) and an unaligned tail block,
-//! and read-modify-write of the edge blocks under the disk's [`RangeLock`].
+//! and read-modify-write of the edge blocks under the disk's [`RangeLock`]; discards of whole
+//! blocks and writes of zeroes (a write whose data are zeroes, through the device's
+//! write-zeroes command where it has one) under the same lock.
 
-use syscall::error::{EIO, ENOSPC, EROFS, Error};
+use std::borrow::Cow;
+
+use syscall::error::{EINVAL, EIO, ENOSPC, EOPNOTSUPP, EROFS, Error};
 
 use crate::range_lock::RangeLock;
 use crate::{BlockDevice, DiskInfo, Result};
@@ -15,6 +19,10 @@ use crate::{BlockDevice, DiskInfo, Result};
 /// transfer length), not memory in this crate. The only scratch memory here is one block for
 /// each unaligned edge.
 pub const MAX_IO_CHUNK: usize = 1 << 20;
+
+/// The zero buffer whole blocks are written from when the device has no write-zeroes command
+/// (one chunk: every fallback write is at most [`MAX_IO_CHUNK`] bytes).
+static ZEROES: [u8; MAX_IO_CHUNK] = [0; MAX_IO_CHUNK];
 
 /// The shape of one region (a whole disk, or a partition of it) as the I/O code uses it.
 ///
@@ -223,6 +231,134 @@ pub(crate) fn write_at<D: BlockDevice + ?Sized>(
             }
         };
         done += n;
+        pos += n as u64;
+    }
+    Ok(len)
+}
+
+/// Holds the whole blocks around `[offset, end)` of the region in `lock` (disk-absolute bytes;
+/// `end <= geo.size`).
+fn lock_blocks<'a>(
+    geo: &Geometry,
+    lock: &'a RangeLock,
+    offset: u64,
+    end: u64,
+) -> crate::range_lock::RangeGuard<'a> {
+    let bs = geo.block_size;
+    let start = offset - offset % bs;
+    // `geo.size` is a multiple of the block size, so rounding `end` up stays <= size.
+    let stop = end.div_ceil(bs).checked_mul(bs).unwrap_or(geo.size);
+    let region_start = geo.base * bs;
+    lock.lock(region_start + start, region_start + stop)
+}
+
+/// Discards the whole blocks `[offset, offset + len)` of the region `geo` of `disk` (`len > 0`).
+///
+/// `EROFS` for a read-only disk; `EINVAL` unless `offset` and `len` are multiples of the block
+/// size and the range lies inside the region; `EOPNOTSUPP` if the device cannot discard. The
+/// blocks are held in `lock` during the device call, so a discard never overlaps a write.
+pub(crate) fn discard_at<D: BlockDevice + ?Sized>(
+    dev: &D,
+    disk: usize,
+    geo: &Geometry,
+    lock: &RangeLock,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
+    if geo.readonly {
+        return Err(Error::new(EROFS));
+    }
+    let bs = geo.block_size;
+    let inside = offset.checked_add(len).is_some_and(|end| end <= geo.size);
+    if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) || !inside {
+        return Err(Error::new(EINVAL));
+    }
+    if !dev.can_discard(disk) {
+        return Err(Error::new(EOPNOTSUPP));
+    }
+    let _held = lock_blocks(geo, lock, offset, offset + len);
+    let lba = geo.abs(offset / bs);
+    dev.discard(disk, lba, len / bs)
+        .inspect_err(|e| log_err("discard", disk, lba, e))
+}
+
+/// Writes `len` (> 0) zero bytes at byte `offset` of the region `geo` of `disk`: the rules and
+/// the result of [`write_at`], with zeroes for data. Partial edge blocks are read, zeroed in
+/// part and written back; whole blocks go to [`BlockDevice::write_zeroes`], or, if the device
+/// answers `EOPNOTSUPP`, are written from a zero buffer in chunks of at most
+/// [`MAX_IO_CHUNK`] bytes.
+pub(crate) fn write_zeroes_at<D: BlockDevice + ?Sized>(
+    dev: &D,
+    disk: usize,
+    geo: &Geometry,
+    lock: &RangeLock,
+    offset: u64,
+    len: u64,
+) -> Result<u64> {
+    if len == 0 {
+        return Ok(0);
+    }
+    if geo.readonly {
+        return Err(Error::new(EROFS));
+    }
+    let len = geo.size.saturating_sub(offset).min(len);
+    if len == 0 {
+        return Err(Error::new(ENOSPC));
+    }
+    let end = offset + len; // <= geo.size
+    let _held = lock_blocks(geo, lock, offset, end);
+    let bs = geo.block_size;
+    let mut scratch = Vec::new();
+    let mut pos = offset;
+    // Whether to ask the device to write zeroes: once it refused, not again in this call.
+    let mut device_zeroes = true;
+    let mut zero_chunk: Cow<'static, [u8]> = Cow::Borrowed(&[]);
+    while pos < end {
+        let in_block = pos % bs;
+        let lba = pos / bs;
+        if in_block != 0 || end - pos < bs {
+            // A partial block: read, zero the part, write back.
+            let n = (bs - in_block).min(end - pos);
+            scratch.resize(geo.bs(), 0);
+            let abs = geo.abs(lba);
+            dev.read_blocks(disk, abs, &mut scratch)
+                .inspect_err(|e| log_err("read (for read-modify-write)", disk, abs, e))?;
+            // in_block + n <= bs, which came from a u32.
+            let (from, to) = (in_block as usize, (in_block + n) as usize);
+            scratch[from..to].fill(0);
+            dev.write_blocks(disk, abs, &scratch)
+                .inspect_err(|e| log_err("write", disk, abs, e))?;
+            pos += n;
+            continue;
+        }
+        let blocks = (end - pos) / bs;
+        let abs = geo.abs(lba);
+        if device_zeroes {
+            match dev.write_zeroes(disk, abs, blocks) {
+                Ok(()) => {
+                    pos += blocks * bs;
+                    continue;
+                }
+                Err(e) if e.errno == EOPNOTSUPP => device_zeroes = false,
+                Err(e) => {
+                    log_err("write zeroes", disk, abs, &e);
+                    return Err(e);
+                }
+            }
+        }
+        // One chunk of zeroes: the static buffer, unless a block is larger than it.
+        if zero_chunk.is_empty() {
+            zero_chunk = if geo.chunk() <= ZEROES.len() {
+                Cow::Borrowed(&ZEROES[..geo.chunk()])
+            } else {
+                Cow::Owned(vec![0u8; geo.chunk()])
+            };
+        }
+        let n = usize::try_from(blocks * bs)
+            .unwrap_or(usize::MAX)
+            .min(zero_chunk.len());
+        dev.write_blocks(disk, abs, &zero_chunk[..n])
+            .inspect_err(|e| log_err("write", disk, abs, e))?;
         pos += n as u64;
     }
     Ok(len)

@@ -39,6 +39,16 @@
 //!   checked arithmetic.
 //! - **fsync** calls [`BlockDevice::flush`] (SYNCHRONIZE CACHE): when it returns `Ok`, every
 //!   write that completed before it is on the backend.
+//! - **Discard** ([`DiskScheme::discard`]) takes whole blocks only: an offset or length that is
+//!   not a multiple of the block size is `EINVAL` (never rounded, so no byte outside the range
+//!   can be lost), and so is a range that does not lie wholly inside the disk or partition
+//!   (as Linux's `BLKDISCARD`). A read-only disk gives `EROFS`, a device that cannot discard
+//!   `EOPNOTSUPP`. What discarded blocks read back as is the device's business (zeroes, the old
+//!   data, or anything else) until they are written again.
+//! - **Write zeroes** ([`DiskScheme::write_zeroes`]) is a write of zero bytes at any offset and
+//!   length, with the write rules above (end of device, `EROFS`, range lock, edge blocks
+//!   read-modify-written). Whole blocks go to [`BlockDevice::write_zeroes`] (WRITE SAME on the
+//!   host) when the device has it, else zero buffers are written.
 //!
 //! Why these end-of-device rules: Redox's shared block code (`redox-os/drivers`,
 //! `storage/driver-block/src/lib.rs`, `DiskWrapper::read`/`write` and `DiskScheme::read`/`write`)
@@ -86,7 +96,7 @@ mod tests;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use syscall::error::{EACCES, EBADF, EEXIST, EISDIR, ENODEV, ENOENT, ENOTDIR, EROFS};
+use syscall::error::{EACCES, EBADF, EEXIST, EISDIR, ENODEV, ENOENT, ENOTDIR, EOPNOTSUPP, EROFS};
 use syscall::flag::{
     MODE_DIR, MODE_FILE, O_CREAT, O_DIRECTORY, O_EXCL, O_RDONLY, O_STAT, O_WRONLY,
 };
@@ -120,6 +130,26 @@ pub struct DiskInfo {
     pub readonly: bool,
 }
 
+/// Who a disk is, as the device describes itself (on the host: SCSI INQUIRY and its VPD pages).
+/// For people and tools (`vscsi ls`/`stat`); the I/O path never needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskIdentity {
+    /// Vendor (SCSI INQUIRY T10 vendor identification), e.g. `QEMU`.
+    pub vendor: String,
+    /// Product (INQUIRY product identification), e.g. `QEMU HARDDISK`.
+    pub product: String,
+    /// Product revision level.
+    pub revision: String,
+    /// Unit serial number (VPD page 0x80), if the device has one.
+    pub serial: Option<String>,
+    /// World wide name (VPD page 0x83, NAA or EUI-64, as `0x` + hex), if the device has one.
+    pub wwn: Option<String>,
+    /// Where the disk is on its bus: the SCSI target id.
+    pub target: u32,
+    /// Where the disk is on its bus: the logical unit number.
+    pub lun: u32,
+}
+
 /// The disks behind the scheme. Implemented by the driver (through the daemon) over real
 /// hardware. Every method may be called from many threads at once.
 pub trait BlockDevice: Send + Sync + 'static {
@@ -139,6 +169,30 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write_blocks(&self, disk: usize, lba: u64, buf: &[u8]) -> Result<()>;
     /// Makes every completed write durable on the backend (SYNCHRONIZE CACHE).
     fn flush(&self, disk: usize) -> Result<()>;
+    /// Whether [`BlockDevice::discard`] can work on `disk` (the device offers a discard
+    /// command and the disk is writable). The default: no.
+    fn can_discard(&self, _disk: usize) -> bool {
+        false
+    }
+    /// Discards `blocks` (> 0) whole blocks from `lba`, a range inside the disk: the device may
+    /// deallocate them; what they read back as afterwards is the device's business. Either
+    /// the whole range was handed to the device or an error is returned. The default:
+    /// `EOPNOTSUPP`.
+    fn discard(&self, _disk: usize, _lba: u64, _blocks: u64) -> Result<()> {
+        Err(Error::new(EOPNOTSUPP))
+    }
+    /// Writes zeroes to `blocks` (> 0) whole blocks from `lba`, a range inside the disk,
+    /// without a data buffer (WRITE SAME). Afterwards they read back as zeroes. `EOPNOTSUPP`
+    /// (the default) when the device has no such command: the scheme then writes zero buffers
+    /// with [`BlockDevice::write_blocks`].
+    fn write_zeroes(&self, _disk: usize, _lba: u64, _blocks: u64) -> Result<()> {
+        Err(Error::new(EOPNOTSUPP))
+    }
+    /// Who `disk` is (vendor, product, serial, WWN, bus address), if the device says. Not on
+    /// the I/O path, so it may allocate. The default: `None`.
+    fn identity(&self, _disk: usize) -> Option<DiskIdentity> {
+        None
+    }
     /// Driver counters as text, one `name value` item per line (for `vscsi stats`).
     fn stats(&self) -> String {
         String::new()
@@ -389,6 +443,84 @@ impl<D: BlockDevice> DiskScheme<D> {
         self.device.flush(disk).inspect_err(|e| {
             log::warn!("disk {disk}: flush failed: {e}");
         })
+    }
+
+    /// Discards `len` bytes at byte `offset` of the handle's disk or partition (see the crate
+    /// docs): both must be multiples of the block size and the range must lie inside the
+    /// region, else `EINVAL`. `Ok` without device I/O for `len == 0`. Errors, in the order
+    /// checked: `EBADF` for an unknown/closed handle, the root, or a handle without write
+    /// access; `ENODEV` for a disk or partition that is gone; `EROFS` for a read-only disk;
+    /// `EINVAL` for a range that is unaligned or not inside the region; `EOPNOTSUPP` when the
+    /// device cannot discard ([`BlockDevice::can_discard`]); then the device's errno. The
+    /// blocks are held in the disk's range lock while they are discarded, as for a write.
+    pub fn discard(&self, id: usize, offset: u64, len: u64) -> Result<()> {
+        let handle = self.handles.get(id)?;
+        if !handle.can_write {
+            return Err(Error::new(EBADF));
+        }
+        if let Target::Root { .. } = handle.target {
+            return Err(Error::new(EBADF));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let (disk, geo) = self.region(&handle.target)?;
+        let lock = self.range_lock(disk);
+        let result = io::discard_at(&*self.device, disk, &geo, &lock, offset, len);
+        if let Target::Disk { .. } = handle.target {
+            // It may have discarded the partition table (even if it failed part way).
+            self.tables.note_write(disk);
+        }
+        result
+    }
+
+    /// Writes `len` zero bytes at byte `offset`: a write (every write rule applies: end of
+    /// device, access, `EROFS`, the range lock, edge blocks read-modify-written) whose data
+    /// are zeroes. Whole blocks go to [`BlockDevice::write_zeroes`] when the device has it,
+    /// else zero buffers are written. Returns the bytes zeroed, short only when the range
+    /// crosses the end.
+    pub fn write_zeroes(&self, id: usize, offset: u64, len: u64) -> Result<u64> {
+        let handle = self.handles.get(id)?;
+        if !handle.can_write {
+            return Err(Error::new(EBADF));
+        }
+        if let Target::Root { .. } = handle.target {
+            return Err(Error::new(EBADF));
+        }
+        if len == 0 {
+            return Ok(0);
+        }
+        let (disk, geo) = self.region(&handle.target)?;
+        let lock = self.range_lock(disk);
+        let result = io::write_zeroes_at(&*self.device, disk, &geo, &lock, offset, len);
+        if let Target::Disk { .. } = handle.target {
+            self.tables.note_write(disk);
+        }
+        result
+    }
+
+    /// Who the handle's disk is ([`BlockDevice::identity`]; a partition's is its disk's).
+    /// `Ok(None)` for the root and for a device that does not say. Works on `O_STAT` handles;
+    /// `ENODEV` if the disk is gone.
+    pub fn identity(&self, id: usize) -> Result<Option<DiskIdentity>> {
+        let handle = self.handles.get(id)?;
+        if let Target::Root { .. } = handle.target {
+            return Ok(None);
+        }
+        let (disk, _) = self.region(&handle.target)?;
+        Ok(self.device.identity(disk))
+    }
+
+    /// Whether [`DiskScheme::discard`] can work on the handle's disk: the disk is writable and
+    /// the device can discard. `false` for the root. Works on `O_STAT` handles (it says what
+    /// the disk can do, not what this handle may do).
+    pub fn can_discard(&self, id: usize) -> Result<bool> {
+        let handle = self.handles.get(id)?;
+        if let Target::Root { .. } = handle.target {
+            return Ok(false);
+        }
+        let (disk, geo) = self.region(&handle.target)?;
+        Ok(!geo.readonly && self.device.can_discard(disk))
     }
 
     /// Status of the handle's target.

@@ -1,19 +1,27 @@
 //! In-memory `BlockDevice` test fixture: sparse block storage with a deterministic initial
 //! pattern, a record of every call, injectable errors, an optional hook inside each call (for
-//! concurrency tests) and assertions of the trait's preconditions on every call.
+//! concurrency tests) and assertions of the trait's preconditions on every call. Discard and
+//! write zeroes are there when switched on (discarded blocks read back as [`DISCARDED`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::{BlockDevice, DiskInfo, Error, Result};
+use crate::{BlockDevice, DiskIdentity, DiskInfo, Error, Result};
+
+/// What every byte of a discarded block reads back as (not zero: a discard promises nothing).
+pub(crate) const DISCARDED: u8 = 0xD5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Op {
     Read,
     Write,
     Flush,
+    /// `len` is the bytes discarded.
+    Discard,
+    /// `len` is the bytes zeroed.
+    WriteZeroes,
 }
 
 /// One recorded device call.
@@ -72,6 +80,10 @@ pub(crate) struct MemDevice {
     /// returning (0 = just yield), widening race windows.
     delay_us: AtomicU64,
     pub flushes: AtomicUsize,
+    /// `can_discard` answers this (and `discard` works only then).
+    can_discard: AtomicBool,
+    /// `write_zeroes` works (else it is `EOPNOTSUPP`).
+    has_write_zeroes: AtomicBool,
 }
 
 impl MemDevice {
@@ -84,6 +96,8 @@ impl MemDevice {
             hook: Mutex::new(None),
             delay_us: AtomicU64::new(0),
             flushes: AtomicUsize::new(0),
+            can_discard: AtomicBool::new(false),
+            has_write_zeroes: AtomicBool::new(false),
         };
         for &(bs, blocks, ro) in disks {
             dev.add_disk(bs, blocks, ro);
@@ -141,6 +155,16 @@ impl MemDevice {
             rest = &rest[n..];
             pos += n as u64;
         }
+    }
+
+    /// Switches discard (`can_discard`, `discard`) on or off.
+    pub(crate) fn set_discard(&self, on: bool) {
+        self.can_discard.store(on, Ordering::SeqCst);
+    }
+
+    /// Switches the device's write-zeroes command on or off.
+    pub(crate) fn set_write_zeroes(&self, on: bool) {
+        self.has_write_zeroes.store(on, Ordering::SeqCst);
     }
 
     pub(crate) fn set_delay_us(&self, us: u64) {
@@ -214,8 +238,8 @@ impl MemDevice {
                 "{op:?} of blocks {lba}..{end} outside disk of {} blocks",
                 info.blocks
             );
-            if op == Op::Write {
-                assert!(!info.readonly, "write to a read-only disk");
+            if matches!(op, Op::Write | Op::Discard | Op::WriteZeroes) {
+                assert!(!info.readonly, "{op:?} on a read-only disk");
             }
         }
         let failed = {
@@ -299,6 +323,51 @@ impl BlockDevice for MemDevice {
         self.enter(Op::Flush, disk, 0, 0)?;
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    fn can_discard(&self, _disk: usize) -> bool {
+        self.can_discard.load(Ordering::SeqCst)
+    }
+
+    fn discard(&self, disk: usize, lba: u64, blocks: u64) -> Result<()> {
+        assert!(
+            self.can_discard.load(Ordering::SeqCst),
+            "discard on a device that said it cannot"
+        );
+        let bs = self.disk(disk).lock().unwrap().info.block_size as usize;
+        let len = usize::try_from(blocks).unwrap() * bs;
+        let d = self.enter(Op::Discard, disk, lba, len)?;
+        let mut d = d.lock().unwrap();
+        for b in lba..lba + blocks {
+            d.blocks.insert(b, vec![DISCARDED; bs].into());
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, disk: usize, lba: u64, blocks: u64) -> Result<()> {
+        if !self.has_write_zeroes.load(Ordering::SeqCst) {
+            return Err(Error::new(syscall::error::EOPNOTSUPP));
+        }
+        let bs = self.disk(disk).lock().unwrap().info.block_size as usize;
+        let len = usize::try_from(blocks).unwrap() * bs;
+        let d = self.enter(Op::WriteZeroes, disk, lba, len)?;
+        let mut d = d.lock().unwrap();
+        for b in lba..lba + blocks {
+            d.blocks.insert(b, vec![0; bs].into());
+        }
+        Ok(())
+    }
+
+    fn identity(&self, disk: usize) -> Option<DiskIdentity> {
+        (disk == 0).then(|| DiskIdentity {
+            vendor: "MEM".into(),
+            product: "FIXTURE DISK".into(),
+            revision: "1".into(),
+            serial: Some("SER0".into()),
+            wwn: None,
+            target: 0,
+            lun: 0,
+        })
     }
 
     fn generation(&self, disk: usize) -> u64 {

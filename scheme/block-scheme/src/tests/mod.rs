@@ -1,6 +1,7 @@
 //! Unit tests of the scheme against the in-memory fixture device, plus shared helpers.
 
 mod concurrency;
+mod discard;
 mod fixture;
 mod io;
 mod open;
