@@ -183,6 +183,39 @@ fn gpt_and_mbr_partitions_are_bounded_windows_on_their_disks() {
     assert_eq!(layout(&d2.path, 512), tables[2].0);
 }
 
+/// Logical partitions in an MBR extended container (sfdisk's sda5, sda6) follow the primaries
+/// (`0p1`, `0p2` after `0p0`), each a bounded window on its disk.
+#[test]
+fn mbr_logical_partitions_are_read_from_the_ebr_chain() {
+    let dir = tmp();
+    let disk = TestDisk::create(dir.path(), "logical.img", 32 * MIB, 31);
+    run_tool(
+        "sfdisk",
+        &[&disk.path.display().to_string()],
+        "label: dos\nstart=2048, size=8192, type=83\nstart=10240, size=40960, type=5\n\
+         start=12288, size=8192, type=83\nstart=22528, size=16384, type=c\n",
+    );
+    // fdisk lists sda1, sda2 (the container), sda5, sda6.
+    let mut parts = layout(&disk.path, 512);
+    assert_eq!(parts.len(), 4, "{parts:?}");
+    let container = parts.remove(1);
+    assert_eq!(container, (10240, 40960));
+    let daemon = DaemonBuilder::new(dir.path()).disk(&disk).start();
+    let c = daemon.client();
+    assert_eq!(
+        c.list(SCHEME).expect("list"),
+        vec!["0", "0p0", "0p1", "0p2"]
+    );
+    for (m, &part) in parts.iter().enumerate() {
+        check_partition(&c, 0, m, &disk, 512, part);
+    }
+    // The EBRs (one block before each logical partition's data, inside the container) are
+    // intact: the table reads the same afterwards.
+    let mut again = layout(&disk.path, 512);
+    again.remove(1);
+    assert_eq!(again, parts);
+}
+
 #[test]
 fn a_table_written_through_the_whole_disk_is_read_again() {
     let dir = tmp();

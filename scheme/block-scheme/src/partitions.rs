@@ -6,8 +6,14 @@
 //! Numbering (the `M` of `/NpM`): from 0, in table order, over the entries that are in use
 //! and valid. GPT: entries whose type GUID is not nil. MBR: primary entries with a non-zero
 //! type and length, except the protective-GPT type `0xEE` and extended containers (`0x05`,
-//! `0x0F`, `0x85`: logical partitions inside them are not read). An entry that starts or ends
-//! outside the disk is left out (and logged), so a partition never reaches past its disk.
+//! `0x0F`, `0x85`), then the logical partitions of the first extended container in the order
+//! of its EBR chain (Linux calls them 5, 6, ...; here they follow the primaries). An entry
+//! that starts or ends outside the disk (a logical one: outside its container) is left out
+//! (and logged), so a partition never reaches past its disk.
+//!
+//! The EBR chain is device data too: each link must point inside the container, the walk
+//! stops at a link it has seen (a cycle) and after `MAX_LOGICAL` partitions or
+//! `MAX_EBR_READS` sectors, whichever comes first.
 //!
 //! Device data is untrusted: the `gpt` crate asserts on an entry size other than 128 and
 //! would read any number of entries, so both headers are checked for those fields before the
@@ -24,6 +30,17 @@ use crate::{BlockDevice, Error, Result};
 /// Entry-array length above which a GPT is refused (sgdisk and most tools write 128; the
 /// spec's minimum is 16 KiB of entries). Bounds what a corrupt or hostile header makes us read.
 pub const MAX_GPT_ENTRIES: u32 = 4096;
+
+/// Most logical partitions read from one extended container (Linux's own cap is in the
+/// same range; a chain longer than this is corrupt or hostile).
+pub const MAX_LOGICAL: usize = 128;
+/// Most EBR sectors read while walking one chain (bounds the I/O a hostile chain costs).
+const MAX_EBR_READS: usize = 2 * MAX_LOGICAL;
+
+/// MBR partition types of extended containers (CHS, LBA, Linux).
+fn is_extended(kind: u8) -> bool {
+    matches!(kind, 0x05 | 0x0F | 0x85)
+}
 
 /// Which kind of table a disk has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,18 +204,29 @@ fn read_mbr<D: BlockDevice + ?Sized>(
     }
     let blocks = geo.size / geo.block_size;
     let mut partitions = Vec::new();
+    let mut extended = None;
     for i in 0..4 {
         let e = entry(i);
         let kind = e[4];
         let start = u64::from(le_u32(e, 8));
         let len = u64::from(le_u32(e, 12));
-        if kind == 0 || len == 0 || matches!(kind, 0xEE | 0x05 | 0x0F | 0x85) {
+        if kind == 0 || len == 0 || kind == 0xEE {
             continue;
         }
         let part = Some(Partition { start, blocks: len });
+        if is_extended(kind) {
+            // The first container only (a second one is not valid MBR usage).
+            if extended.is_none() {
+                extended = checked(disk, "MBR extended", i as u32 + 1, part, blocks);
+            }
+            continue;
+        }
         if let Some(p) = checked(disk, "MBR", i as u32 + 1, part, blocks) {
             partitions.push(p);
         }
+    }
+    if let Some(container) = extended {
+        read_logical(dev, disk, geo, container, &mut partitions)?;
     }
     let kind = if partitions.is_empty() {
         TableKind::None
@@ -206,6 +234,66 @@ fn read_mbr<D: BlockDevice + ?Sized>(
         TableKind::Mbr
     };
     Ok(PartitionTable { kind, partitions })
+}
+
+/// Walks the EBR chain of the extended partition `container` and appends its logical
+/// partitions. Each EBR's first entry is a logical partition, its start relative to that EBR;
+/// its second entry links to the next EBR, relative to the container's start (0: the end).
+fn read_logical<D: BlockDevice + ?Sized>(
+    dev: &D,
+    disk: usize,
+    geo: &Geometry,
+    container: Partition,
+    partitions: &mut Vec<Partition>,
+) -> Result<()> {
+    let end = container.start + container.blocks;
+    let mut seen: Vec<u64> = Vec::new();
+    let mut ebr = container.start;
+    let mut found = 0usize;
+    for _ in 0..MAX_EBR_READS {
+        if seen.contains(&ebr) {
+            log::warn!("disk {disk}: the EBR chain loops back to block {ebr}; stopping there");
+            break;
+        }
+        seen.push(ebr);
+        let mut sector = [0u8; 512];
+        read_exact(dev, disk, geo, ebr * geo.block_size, &mut sector)?;
+        if sector[510..512] != [0x55, 0xAA] {
+            log::warn!("disk {disk}: no EBR signature at block {ebr}; stopping the chain");
+            break;
+        }
+        let entry = |i: usize| &sector[446 + 16 * i..446 + 16 * (i + 1)];
+        let (e0, e1) = (entry(0), entry(1));
+        let len = u64::from(le_u32(e0, 12));
+        if e0[4] != 0 && len > 0 {
+            // Inside the container (and so inside the disk), after its EBR.
+            let part = ebr
+                .checked_add(u64::from(le_u32(e0, 8)))
+                .filter(|&s| s > ebr)
+                .map(|start| Partition { start, blocks: len });
+            let number = partitions.len() as u32 + 1;
+            if let Some(p) = checked(disk, "EBR", number, part, end) {
+                partitions.push(p);
+                found += 1;
+                if found == MAX_LOGICAL {
+                    log::warn!("disk {disk}: more than {MAX_LOGICAL} logical partitions");
+                    break;
+                }
+            }
+        }
+        let next = u64::from(le_u32(e1, 8));
+        if !is_extended(e1[4]) || next == 0 {
+            break;
+        }
+        match container.start.checked_add(next).filter(|&n| n < end) {
+            Some(n) => ebr = n,
+            None => {
+                log::warn!("disk {disk}: EBR link to block +{next} leaves its container");
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `part` if it is non-empty and inside a disk of `disk_blocks` blocks; logs and drops it

@@ -240,6 +240,96 @@ fn mbr_partitions_on_512_and_4096_byte_disks() {
     }
 }
 
+/// An EBR at block `at` of a disk with `bs`-byte blocks: its logical partition `(type,
+/// start relative to the EBR, length)` and the link to the next EBR (start relative to the
+/// container; `None`: the end of the chain).
+fn ebr(dev: &MemDevice, bs: u32, at: u64, part: (u8, u32, u32), next: Option<u32>) {
+    let mut entries = vec![part];
+    if let Some(n) = next {
+        entries.push((0x05, n, 1));
+    }
+    dev.set_contents(0, at * u64::from(bs), &mbr_sector(&entries));
+}
+
+#[test]
+fn logical_partitions_follow_the_primaries_in_chain_order() {
+    for bs in [512u32, 4096] {
+        let (s, dev) = scheme(&[(bs, 1000, false)]);
+        dev.set_contents(
+            0,
+            0,
+            &mbr_sector(&[(0x83, 10, 90), (0x0F, 100, 400), (0x83, 600, 100)]),
+        );
+        // Container 100..500: EBRs at 100, 200 and 350 (links relative to 100).
+        ebr(&dev, bs, 100, (0x83, 2, 50), Some(100)); // 102..152
+        ebr(&dev, bs, 200, (0x07, 8, 92), Some(250)); // 208..300
+        ebr(&dev, bs, 350, (0x83, 1, 149), None); // 351..500, the container's last block
+        let table = s.partition_table(0).unwrap();
+        assert_eq!(table.kind, TableKind::Mbr);
+        let got: Vec<(u64, u64)> = table
+            .partitions
+            .iter()
+            .map(|p| (p.start, p.blocks))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(10, 90), (600, 100), (102, 50), (208, 92), (351, 149)]
+        );
+        assert_eq!(listing(&s), "0\n0p0\n0p1\n0p2\n0p3\n0p4\n");
+        // I/O on a logical partition stays inside it.
+        let id = s.open("0p3", O_RDWR, &ctx()).unwrap();
+        assert_eq!(s.fsize(id).unwrap(), 92 * u64::from(bs));
+        dev.clear_calls();
+        let data = vec![0x5Au8; 3 * bs as usize];
+        assert_eq!(s.write(id, 91 * u64::from(bs), &data).unwrap(), bs as usize);
+        assert_calls_inside(&dev, u64::from(bs), 208, 300);
+        s.close(id).unwrap();
+    }
+}
+
+#[test]
+fn hostile_ebr_chains_end_cleanly() {
+    let bs = 512u32;
+    // A chain that links back to itself: one partition, then the loop is noticed.
+    let (s, dev) = scheme(&[(bs, 1000, false)]);
+    dev.set_contents(0, 0, &mbr_sector(&[(0x05, 100, 400)]));
+    ebr(&dev, bs, 100, (0x83, 1, 10), Some(100));
+    ebr(&dev, bs, 200, (0x83, 1, 10), Some(0));
+    let got: Vec<(u64, u64)> = s
+        .partition_table(0)
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| (p.start, p.blocks))
+        .collect();
+    assert_eq!(got, vec![(101, 10), (201, 10)]);
+
+    // Logical partitions reaching past their container, a link outside it, a link past the
+    // disk: left out, the chain stops, nothing panics.
+    let (s, dev) = scheme(&[(bs, 1000, false)]);
+    dev.set_contents(0, 0, &mbr_sector(&[(0x05, 100, 100)]));
+    ebr(&dev, bs, 100, (0x83, 1, 150), Some(50)); // 101..251: past the container's end 200
+    ebr(&dev, bs, 150, (0x83, 1, 10), Some(u32::MAX)); // kept; link far outside
+    let got: Vec<(u64, u64)> = s
+        .partition_table(0)
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| (p.start, p.blocks))
+        .collect();
+    assert_eq!(got, vec![(151, 10)]);
+
+    // A chain of more EBRs than the cap: bounded.
+    let (s, dev) = scheme(&[(bs, 4000, false)]);
+    dev.set_contents(0, 0, &mbr_sector(&[(0x05, 10, 3900)]));
+    for i in 0..200u32 {
+        let at = 10 + 2 * u64::from(i);
+        ebr(&dev, bs, at, (0x83, 1, 1), Some(2 * (i + 1)));
+    }
+    let n = s.partition_table(0).unwrap().partitions.len();
+    assert_eq!(n, crate::partitions::MAX_LOGICAL);
+}
+
 #[test]
 fn bad_tables_give_no_partitions_and_never_panic() {
     // MBR entries outside the disk, or at block 0, are left out.
