@@ -145,8 +145,23 @@ pub trait Platform: Send + Sync + 'static {
 
     /// The device-visible memory this driver may carve into rings and buffers.
     fn dma_window(&self) -> DmaWindow;
-    /// Where the driver may assign memory BARs.
+    /// Where the driver may assign memory BARs (unused when [`Platform::bars_preassigned`]).
     fn mmio_window(&self) -> MmioWindow;
+
+    /// Whether the device's memory BARs already hold the bus addresses to use (assigned by
+    /// firmware or a kernel, as inside a Linux machine): the driver then reads them and leaves
+    /// them where they are instead of placing them in [`Platform::mmio_window`]. The default,
+    /// `false`, is a machine with nothing else on it: the driver assigns the BARs itself.
+    fn bars_preassigned(&self) -> bool {
+        false
+    }
+
+    /// The one PCI function this platform gives the driver, when the platform is built for a
+    /// single function (then config reads of every other address answer all-ones). `None`, the
+    /// default: the driver scans bus 0 for its device.
+    fn pci_function(&self) -> Option<PciAddress> {
+        None
+    }
 
     /// Waits until the device's (INTx) interrupt line is asserted, or `timeout` passes.
     /// Returns at once if it is asserted now. The driver acknowledges at the device (virtio ISR

@@ -1,9 +1,10 @@
 //! Modern virtio-pci transport over the platform HAL.
 //!
-//! Owns: finding the virtio-scsi function on PCI, assigning its memory BARs and enabling it
-//! (there is no firmware or kernel to do it), parsing the virtio vendor capabilities, and the
-//! `virtio_drivers::transport::Transport` implementation whose register accesses go through
-//! [`Platform`] instead of pointers.
+//! Owns: finding the virtio-scsi function on PCI (scanning bus 0, or the one function the
+//! platform names), assigning its memory BARs and enabling it (there is no firmware or kernel to
+//! do it — or, when the platform says firmware did, using the BARs where they are), parsing the
+//! virtio vendor capabilities, and the `virtio_drivers::transport::Transport` implementation
+//! whose register accesses go through [`Platform`] instead of pointers.
 //!
 //! Why not `virtio_drivers::transport::pci::PciTransport`: it reaches registers through
 //! `Hal::mmio_phys_to_virt` pointers (we have none: MMIO is a platform call), and its `notify`
@@ -59,7 +60,7 @@ pub enum TransportError {
     /// A platform access failed.
     #[error(transparent)]
     Platform(#[from] PlatformError),
-    /// No virtio-scsi function was found on bus 0.
+    /// No virtio-scsi function was found on bus 0 (or at the function the platform names).
     #[error("no virtio-scsi PCI device (1af4:1048 or 1af4:1004) on bus 0")]
     NotFound,
     /// The device's PCI setup makes no sense.
@@ -138,28 +139,64 @@ pub struct PciTransport {
 }
 
 impl PciTransport {
-    /// Finds the first virtio-scsi function on bus 0, assigns its memory BARs inside `window`,
-    /// enables memory decoding and bus mastering, and parses its virtio capabilities.
+    /// Finds the first virtio-scsi function on bus 0 (or takes the one the platform names),
+    /// assigns its memory BARs inside the platform's MMIO window (or reads them when the
+    /// platform says they are preassigned), enables memory decoding and bus mastering, and
+    /// parses its virtio capabilities.
     pub fn probe(platform: Arc<dyn Platform>) -> Result<Self, TransportError> {
         let mut root = PciRoot::new(PlatformCam(platform.clone()));
-        let found = root.enumerate_bus(0).find(|(_, info)| {
-            info.vendor_id == VIRTIO_VENDOR
-                && matches!(
-                    info.device_id,
-                    VIRTIO_SCSI_MODERN | VIRTIO_SCSI_TRANSITIONAL
-                )
-        });
-        platform.health()?;
-        let (function, info) = found.ok_or(TransportError::NotFound)?;
+        let is_scsi = |vendor: u16, device: u16| {
+            vendor == VIRTIO_VENDOR
+                && matches!(device, VIRTIO_SCSI_MODERN | VIRTIO_SCSI_TRANSITIONAL)
+        };
+        let function = match platform.pci_function() {
+            // The platform gives one function: check it, do not scan (a function other than
+            // .0 would be missed by a scan when the platform hides function 0).
+            Some(dev) => {
+                let function = DeviceFunction {
+                    bus: dev.bus,
+                    device: dev.device,
+                    function: dev.function,
+                };
+                let id = PlatformCam(platform.clone()).read_word(function, 0);
+                platform.health()?;
+                let (vendor, device) = (id as u16, (id >> 16) as u16);
+                if !is_scsi(vendor, device) {
+                    return Err(TransportError::BadDevice(
+                        dev,
+                        format!("is {vendor:04x}:{device:04x}, not virtio-scsi"),
+                    ));
+                }
+                log::info!("virtio-scsi at {dev}: {vendor:04x}:{device:04x}");
+                function
+            }
+            None => {
+                let found = root
+                    .enumerate_bus(0)
+                    .find(|(_, info)| is_scsi(info.vendor_id, info.device_id));
+                platform.health()?;
+                let (function, info) = found.ok_or(TransportError::NotFound)?;
+                log::info!(
+                    "virtio-scsi at {}: {info}",
+                    PciAddress {
+                        bus: function.bus,
+                        device: function.device,
+                        function: function.function,
+                    }
+                );
+                function
+            }
+        };
         let dev = PciAddress {
             bus: function.bus,
             device: function.device,
             function: function.function,
         };
-        log::info!("virtio-scsi at {dev}: {info}");
         let bad = |m: String| TransportError::BadDevice(dev, m);
 
-        // Assign every memory BAR, naturally aligned, from the platform's MMIO window.
+        // Assign every memory BAR, naturally aligned, from the platform's MMIO window; or, when
+        // firmware or a kernel has placed them, take their addresses as they are.
+        let preassigned = platform.bars_preassigned();
         let window = platform.mmio_window();
         let mut bar_addrs = [None::<(u64, u64)>; 6];
         let mut next = window.base;
@@ -174,28 +211,49 @@ impl PciTransport {
                 1
             };
             if let Some(BarInfo::Memory {
-                address_type, size, ..
+                address_type,
+                address,
+                size,
+                ..
             }) = bar
             {
-                let addr = place(&window, &mut next, size)
-                    .ok_or_else(|| bad(format!("BAR{index} of {size} bytes does not fit")))?;
-                match address_type {
-                    MemoryBarType::Width64 => root.set_bar_64(function, index, addr),
-                    _ => {
-                        let addr32 = u32::try_from(addr)
-                            .map_err(|_| bad(format!("32-bit BAR{index} above 4 GiB")))?;
-                        root.set_bar_32(function, index, addr32)
+                let addr = if preassigned {
+                    if address == 0 {
+                        return Err(bad(format!(
+                            "BAR{index} ({size:#x} bytes) has no address: firmware did not assign it"
+                        )));
                     }
-                }
+                    address
+                } else {
+                    let addr = place(&window, &mut next, size)
+                        .ok_or_else(|| bad(format!("BAR{index} of {size} bytes does not fit")))?;
+                    match address_type {
+                        MemoryBarType::Width64 => root.set_bar_64(function, index, addr),
+                        _ => {
+                            let addr32 = u32::try_from(addr)
+                                .map_err(|_| bad(format!("32-bit BAR{index} above 4 GiB")))?;
+                            root.set_bar_32(function, index, addr32)
+                        }
+                    }
+                    addr
+                };
                 bar_addrs[usize::from(index)] = Some((addr, size));
                 log::debug!("virtio-scsi BAR{index}: {size:#x} bytes at {addr:#x}");
             }
             index += step;
         }
-        root.set_command(
-            function,
-            Command::MEMORY_SPACE | Command::BUS_MASTER, // INTx stays enabled (bit 10 clear)
-        );
+        if preassigned {
+            // Memory decoding only, keeping every other bit (the INTx mask belongs to whoever
+            // handles the line, e.g. the kernel's uio_pci_generic). Bus mastering waits for the
+            // reset below.
+            let (_, command) = root.get_status_command(function);
+            root.set_command(function, command | Command::MEMORY_SPACE);
+        } else {
+            root.set_command(
+                function,
+                Command::MEMORY_SPACE | Command::BUS_MASTER, // INTx stays enabled (bit 10 clear)
+            );
+        }
 
         // Walk the vendor capabilities.
         let cam = PlatformCam(platform.clone());
@@ -256,6 +314,18 @@ impl PciTransport {
         }
         if isr.len < 1 || notify.len < 2 {
             return Err(bad("ISR or notify structure is empty".into()));
+        }
+        if preassigned {
+            // A device that was in use before (another driver, an earlier run of this one) may
+            // still hold queues in memory that is no longer its own, and would write completions
+            // there as soon as it may master the bus again: reset it first (virtio 1.2
+            // §4.1.4.3.2: write 0, wait until it reads 0), then enable bus mastering.
+            reset_device(platform.as_ref(), common.addr).map_err(bad)?;
+            let (_, command) = root.get_status_command(function);
+            root.set_command(
+                function,
+                command | Command::MEMORY_SPACE | Command::BUS_MASTER,
+            );
         }
         Ok(PciTransport {
             platform,
@@ -322,6 +392,23 @@ impl PciTransport {
             log::debug!("common cfg write {reg:#x}: {e}");
         }
     }
+}
+
+/// Writes 0 to `device_status` of the common configuration at `common` and waits (up to a
+/// second) until the device reads back 0.
+fn reset_device(platform: &dyn Platform, common: u64) -> Result<(), String> {
+    let status = common + DEVICE_STATUS;
+    platform
+        .mmio_write(status, Width::U8, 0)
+        .map_err(|e| format!("reset: {e}"))?;
+    for _ in 0..1000 {
+        match platform.mmio_read(status, Width::U8) {
+            Ok(0) => return Ok(()),
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            Err(e) => return Err(format!("reset: {e}")),
+        }
+    }
+    Err("device status did not read 0 within a second of the reset".into())
 }
 
 /// Bump-places a naturally aligned BAR of `size` bytes inside `window`.

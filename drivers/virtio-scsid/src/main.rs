@@ -1,11 +1,12 @@
 //! `virtio-scsid`: the virtio-scsi driver daemon.
 //!
 //! Lifecycle: parse the command line → launch the machine (QEMU with the disks on a
-//! virtio-scsi-pci device) → bring up the host and find its disks → bind the scheme's socket
-//! and print `ready` → serve until SIGTERM/SIGINT (flush every disk, exit 0) or until the
-//! machine dies (report it, exit 1). Settings come from the flags and, with `--config`, a TOML
-//! file whose keys are the long flags (module `settings`); readiness is also reported to systemd
-//! (module `notify`). On Redox the daemon is a different program around the same driver and
+//! virtio-scsi-pci device), or with `--pci BDF` take a virtio-scsi function of the Linux machine
+//! the daemon runs in (bound to `uio_pci_generic`, crate `linux-platform`) → bring up the host
+//! and find its disks → bind the scheme's socket and print `ready` → serve until SIGTERM/SIGINT
+//! (flush every disk, exit 0) or until the machine dies (report it, exit 1). Settings come from
+//! the flags and, with `--config`, a TOML file whose keys are the long flags (module
+//! `settings`); readiness is also reported to systemd (module `notify`). On Redox the daemon is a different program around the same driver and
 //! scheme: module `redox` (the host-only code here is compiled out there).
 #![cfg_attr(target_os = "redox", allow(unused_imports, dead_code))]
 
@@ -124,6 +125,21 @@ struct Args {
     /// are then the only check).
     #[arg(long)]
     allow_any_user: bool,
+    /// Drive this virtio-scsi PCI function of the Linux machine the daemon runs in (e.g.
+    /// 0000:00:04.0) instead of launching QEMU: it is bound to uio_pci_generic (the module must
+    /// be loaded) and its disks are whatever is attached to it. Needs root.
+    #[arg(long, value_name = "BDF", value_parser = parse_bdf)]
+    pci: Option<linux_platform::Bdf>,
+    /// With --pci: MiB of DMA memory (physically contiguous 2 MiB hugepages, reserved by the
+    /// daemon). Default: 32, or 6 per request queue plus 8 when that is more.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(2..=65536))]
+    dma_mib: Option<u32>,
+}
+
+/// Parses a PCI address (`0000:00:04.0` or `00:04.0`).
+#[cfg(not(target_os = "redox"))]
+fn parse_bdf(s: &str) -> Result<linux_platform::Bdf, String> {
+    s.parse()
 }
 
 /// Parses an octal file mode (`0660`, `660` or `0o660`), at most `0o777`.
@@ -156,8 +172,44 @@ fn main() -> ExitCode {
     }
 }
 
+/// What the driver runs on: a QEMU machine the daemon launched, or a PCI function of the
+/// machine the daemon runs in.
 #[cfg(not(target_os = "redox"))]
-fn run(args: Args) -> Result<(), String> {
+enum Machine {
+    /// QEMU, with the directory of its sockets and RAM file (removed after QEMU stopped).
+    Qemu {
+        machine: Arc<QemuMachine>,
+        _work_dir: tempfile::TempDir,
+    },
+    /// A function bound to uio_pci_generic.
+    #[cfg(target_os = "linux")]
+    Pci(Arc<linux_platform::LinuxPlatform>),
+}
+
+#[cfg(not(target_os = "redox"))]
+impl Machine {
+    fn platform(&self) -> Arc<dyn platform::Platform> {
+        match self {
+            Machine::Qemu { machine, .. } => machine.clone(),
+            #[cfg(target_os = "linux")]
+            Machine::Pci(p) => p.clone(),
+        }
+    }
+
+    fn shutdown(&self) {
+        match self {
+            Machine::Qemu { machine, .. } => machine.shutdown(),
+            // The host has reset the device; the platform stops its bus mastering and frees
+            // the DMA memory when the last user drops it (or the kernel does, at exit).
+            #[cfg(target_os = "linux")]
+            Machine::Pci(_) => {}
+        }
+    }
+}
+
+/// The disks `--disk`/`--disk-qemu` ask for (or the embedded default disk), checked.
+#[cfg(not(target_os = "redox"))]
+fn qemu_disks(args: &Args) -> Result<Vec<DiskArg>, String> {
     let disks = if args.disks.is_empty() && args.disks_qemu.is_empty() {
         let state = args
             .state_dir
@@ -175,6 +227,68 @@ fn run(args: Args) -> Result<(), String> {
             return Err(format!("disk image {} does not exist", d.path.display()));
         }
     }
+    Ok(disks)
+}
+
+/// DMA memory for `--pci`: `--dma-mib`, else 32 MiB or 6 MiB per request queue plus 8 (each
+/// queue's command slots take about 5.5 MiB).
+#[cfg(not(target_os = "redox"))]
+fn dma_mib(args: &Args) -> u32 {
+    args.dma_mib
+        .unwrap_or_else(|| (8 + 6 * u32::from(args.queues)).max(32))
+}
+
+/// Binds `bdf` to uio_pci_generic and opens it as the driver's platform.
+#[cfg(target_os = "linux")]
+fn start_pci(bdf: linux_platform::Bdf, args: &Args) -> Result<Machine, String> {
+    let uio = linux_platform::bind_uio(&bdf).map_err(|e| format!("PCI {bdf}: {e}"))?;
+    let mib = dma_mib(args);
+    let platform = linux_platform::LinuxPlatform::open(bdf, (mib as usize) << 20)
+        .map_err(|e| format!("PCI {bdf}: {e}"))?;
+    let dma = platform::Platform::dma_window(&platform);
+    println!(
+        "virtio-scsid: device up: PCI {bdf} through {} ({} MiB of DMA memory at {:#x})",
+        uio.display(),
+        dma.len >> 20,
+        dma.device_addr
+    );
+    Ok(Machine::Pci(Arc::new(platform)))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "redox")))]
+fn start_pci(_bdf: linux_platform::Bdf, _args: &Args) -> Result<Machine, String> {
+    Err("--pci needs Linux (uio_pci_generic)".into())
+}
+
+/// Refuses settings that contradict each other: `--disk`/`--disk-qemu` configure the QEMU
+/// machine, which `--pci` does not launch, and `--dma-mib` is for `--pci` only.
+#[cfg(not(target_os = "redox"))]
+fn check_backend(args: &Args) -> Result<(), String> {
+    if args.pci.is_some() && !(args.disks.is_empty() && args.disks_qemu.is_empty()) {
+        return Err(
+            "--disk and --disk-qemu describe disks of a QEMU machine the daemon \
+                    launches; with --pci the disks are those attached to that PCI function: \
+                    give one or the other"
+                .into(),
+        );
+    }
+    if args.pci.is_none() && args.dma_mib.is_some() {
+        return Err(
+            "--dma-mib sizes the DMA memory of --pci; without --pci the QEMU \
+                    machine's memory is sized from --queues"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "redox"))]
+fn run(args: Args) -> Result<(), String> {
+    check_backend(&args)?;
+    let disks = match args.pci {
+        Some(_) => Vec::new(),
+        None => qemu_disks(&args)?,
+    };
     let socket = args
         .socket
         .clone()
@@ -193,6 +307,29 @@ fn run(args: Args) -> Result<(), String> {
         }
     });
 
+    let machine = match args.pci {
+        Some(bdf) => start_pci(bdf, &args)?,
+        None => start_qemu(&args, &disks)?,
+    };
+    let host = ScsiHost::start(
+        machine.platform(),
+        HostConfig {
+            queues: Some(usize::from(args.queues)),
+            steering: args.steering,
+            steering_lock: args.steering_lock,
+            check_steering: args.check_steering,
+            command_timeout: Duration::from_millis(args.command_timeout_ms.max(1)),
+            tmf_timeout: Duration::from_millis(args.tmf_timeout_ms.max(1)),
+            ..HostConfig::default()
+        },
+    )
+    .map_err(|e| format!("virtio-scsi host: {e}"))?;
+    serve(args, machine, host, &disks, socket, sig_rx)
+}
+
+/// Launches the QEMU machine with `disks`.
+#[cfg(not(target_os = "redox"))]
+fn start_qemu(args: &Args, disks: &[DiskArg]) -> Result<Machine, String> {
     let work_dir = tempfile::Builder::new()
         .prefix("virtio-scsid-")
         .tempdir()
@@ -234,22 +371,25 @@ fn run(args: Args) -> Result<(), String> {
         machine.qmp_socket().display()
     );
     let _ = std::io::stdout().flush();
+    Ok(Machine::Qemu {
+        machine,
+        _work_dir: work_dir,
+    })
+}
 
-    let host = ScsiHost::start(
-        machine.clone(),
-        HostConfig {
-            queues: Some(usize::from(args.queues)),
-            steering: args.steering,
-            steering_lock: args.steering_lock,
-            check_steering: args.check_steering,
-            command_timeout: Duration::from_millis(args.command_timeout_ms.max(1)),
-            tmf_timeout: Duration::from_millis(args.tmf_timeout_ms.max(1)),
-            ..HostConfig::default()
-        },
-    )
-    .map_err(|e| format!("virtio-scsi host: {e}"))?;
+/// Serves `host`'s disks until a signal, the server stopping, or the machine dying; then
+/// drains, flushes every disk and stops the machine.
+#[cfg(not(target_os = "redox"))]
+fn serve(
+    args: Args,
+    machine: Machine,
+    host: Arc<ScsiHost>,
+    disks: &[DiskArg],
+    socket: PathBuf,
+    sig_rx: crossbeam_channel::Receiver<i32>,
+) -> Result<(), String> {
     let found = host.disks();
-    if found.len() != disks.len() {
+    if args.pci.is_none() && found.len() != disks.len() {
         log::warn!(
             "configured {} disk(s), the device reports {}",
             disks.len(),
@@ -275,7 +415,9 @@ fn run(args: Args) -> Result<(), String> {
             workers: args.workers.max(1),
             pin_workers: true,
             socket_mode: args.socket_mode,
-            arena: (args.arena_mib > 0).then(|| {
+            // A PCI function of this machine has no shareable DMA windows (see
+            // linux-platform): its clients keep to the socket (EOPNOTSUPP for shared memory).
+            arena: (args.arena_mib > 0 && args.pci.is_none()).then(|| {
                 Arc::new(arenas::HostArenas::new(host.clone())) as Arc<dyn vscsi_ipc::ArenaProvider>
             }),
             arena_bytes: args.arena_mib.max(1) << 20,

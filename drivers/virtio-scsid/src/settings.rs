@@ -16,6 +16,9 @@
 //! allow-gid = [6]
 //! accel = "auto"
 //! ```
+//!
+//! Inside a Linux machine, driving its own virtio-scsi function instead of launching QEMU:
+//! `pci = "0000:00:04.0"` and optionally `dma-mib = 64` (no `disk` then).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -241,6 +244,59 @@ mod tests {
                 .expect("command");
             assert_eq!(cmd[0].as_str(), Some("virtio-scsid"));
         }
+    }
+
+    /// `--pci` and `--dma-mib` work from the file too, and contradictions are refused.
+    #[test]
+    fn pci_settings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "pci = \"0000:00:04.0\"\ndma-mib = 64\n").expect("write");
+        let argv = |extra: &[&str]| {
+            let mut v: Vec<OsString> = vec!["virtio-scsid".into(), "--config".into()];
+            v.push(path.clone().into_os_string());
+            v.extend(extra.iter().map(OsString::from));
+            v
+        };
+        let args = match try_parse_from::<crate::Args>(argv(&[])) {
+            Ok(a) => a,
+            Err(e) => panic!("pci settings: {e:?}"),
+        };
+        assert_eq!(args.pci.map(|b| b.to_string()), Some("0000:00:04.0".into()));
+        assert_eq!(args.dma_mib, Some(64));
+        assert_eq!(crate::check_backend(&args), Ok(()));
+
+        let args = match try_parse_from::<crate::Args>(argv(&["--disk", "/a.img"])) {
+            Ok(a) => a,
+            Err(e) => panic!("pci with a disk parses: {e:?}"),
+        };
+        let e = crate::check_backend(&args).expect_err("--pci with --disk");
+        assert!(e.contains("--pci"), "{e}");
+
+        let plain = |a: &[&str]| {
+            let mut v: Vec<OsString> = vec!["virtio-scsid".into()];
+            v.extend(a.iter().map(OsString::from));
+            try_parse_from::<crate::Args>(v)
+        };
+        let args = plain(&["--dma-mib", "8"]).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(
+            crate::check_backend(&args).is_err(),
+            "--dma-mib without --pci"
+        );
+        let args =
+            plain(&["--pci", "00:04.0", "--queues", "8"]).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(crate::dma_mib(&args), 56);
+        let args =
+            plain(&["--pci", "00:04.0", "--queues", "2"]).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(crate::dma_mib(&args), 32);
+        assert!(matches!(
+            plain(&["--pci", "00:20.0"]),
+            Err(Failure::Clap(_))
+        ));
+        assert!(matches!(
+            plain(&["--pci", "00:04.0", "--dma-mib", "1"]),
+            Err(Failure::Clap(_))
+        ));
     }
 
     #[test]
