@@ -2,7 +2,11 @@
 # Installs what virtio-scsid needs at run time and in tests, if it is missing:
 # qemu-system-x86 (the machine whose virtio-scsi device the daemon drives), qemu-utils, and the
 # NBD clients the gateway tests use: libnbd-bin (nbdinfo, nbdcopy) and fio (nbd ioengine), and
-# the partitioning tools gdisk and fdisk (partition and RedoxFS tests).
+# the partitioning tools gdisk and fdisk (partition and RedoxFS tests), and glibc's static
+# libraries (libc6-dev) for the statically linked binaries the Linux-guest tests boot.
+# Those tests fetch their guest kernel and busybox themselves (Debian's linux-image-amd64 and
+# busybox-static, with `apt-get download` into target/guest-cache: nothing is installed on the
+# host for them; see tests/src/guest.rs).
 # Debian/Ubuntu: apt-get, as root (or through sudo when not root).
 set -euo pipefail
 
@@ -15,6 +19,8 @@ command -v fio >/dev/null 2>&1 || missing+=(fio)
 # gdisk (sgdisk: GPT) and fdisk (fdisk, sfdisk: GPT on 4096-byte sectors, MBR).
 PATH="$PATH:/usr/sbin:/sbin" command -v sgdisk >/dev/null 2>&1 || missing+=(gdisk)
 PATH="$PATH:/usr/sbin:/sbin" command -v sfdisk >/dev/null 2>&1 || missing+=(fdisk)
+# glibc's static libc.a (+crt-static builds of virtio-scsid and vscsi for the test guests).
+[ -e "/usr/lib/$(uname -m)-linux-gnu/libc.a" ] || missing+=(libc6-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "installing: ${missing[*]}" >&2

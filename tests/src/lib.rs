@@ -1,9 +1,13 @@
-//! Harness for the QEMU-run tests: builds nothing, finds the workspace's binaries, starts a
-//! `virtio-scsid` (which starts its own QEMU) in a private temp dir with its own socket, and
-//! guarantees both processes are killed by pid when the test ends, passes or panics.
+//! Harness for the QEMU-run tests: finds the workspace's binaries (built beforehand by
+//! `scripts/test.sh`), starts a `virtio-scsid` (which starts its own QEMU) in a private temp
+//! dir with its own socket, and guarantees both processes are killed by pid when the test ends,
+//! passes or panics. [`guest`] is the other harness: a Linux guest booted under QEMU with our
+//! statically linked binaries inside (it builds those itself).
 //!
 //! The oracle is always the image file on the host: tests compare bytes read through the
 //! driver with the file, and the other way round.
+
+pub mod guest;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};

@@ -1,0 +1,22 @@
+# Guest half of tests/linux_guest.rs `bench_guest` (scripts/bench-guest.sh; sourced by /init,
+# `set -e`): 4 KiB random reads on disk 0 at each queue depth of $QDS for $RUNTIME seconds,
+# first through virtio-scsid (`vscsi bench` over the disk.virtio-scsi scheme), then, after the
+# device is handed back to Linux, through the kernel's virtio-scsi driver (fio on /dev/sda,
+# O_DIRECT, $FIO_ENGINE; latency percentiles of submission to completion, as vscsi bench's).
+# Each result is one JSON line (`ours_qdN`, `kernel_qdN`), each
+# command is marked too (`cmd_ours_qdN`, `cmd_kernel_qdN`).
+start_daemon
+for qd in $QDS; do
+    cmd="vscsi --socket $SOCK bench disk.virtio-scsi:/0 --rw randread --bs 4k --iodepth $qd --runtime $RUNTIME --ipc $IPC --json"
+    mark "cmd_ours_qd$qd" "$cmd"
+    $cmd > /tmp/ours.json
+    mark "ours_qd$qd" "$(cat /tmp/ours.json)"
+done
+stop_daemon
+give_to_kernel
+for qd in $QDS; do
+    cmd="fio --name=randread --filename=/dev/sda --direct=1 --ioengine=$FIO_ENGINE --rw=randread --bs=4k --iodepth=$qd --runtime=$RUNTIME --time_based --clocksource=clock_gettime --lat_percentiles=1 --output-format=json --output=/tmp/fio.json"
+    mark "cmd_kernel_qd$qd" "$cmd"
+    $cmd
+    mark "kernel_qd$qd" "$(tr -d '\n' < /tmp/fio.json)"
+done

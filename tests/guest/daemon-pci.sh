@@ -1,0 +1,12 @@
+# Guest half of tests/linux_guest.rs `daemon_pci_in_guest` (sourced by /init, `set -e`):
+# virtio-scsid drives the guest's virtio-scsi PCI device through uio_pci_generic (`--pci`),
+# the host's plan of reads and writes goes through the disk.virtio-scsi scheme with the vscsi
+# CLI, the daemon is stopped (SIGTERM: flush, exit), and the device is handed back to Linux's
+# own driver, which reads the written ranges again (a cross-check of what reached the disk).
+start_daemon
+mark ls "$(vscsi --socket "$SOCK" ls --json)"
+run_plan scheme_read scheme_write
+stop_daemon
+give_to_kernel
+wait_for_file /dev/sda2 30
+check_writes kernel_read kernel_check
