@@ -416,9 +416,15 @@ fn serve(
             pin_workers: true,
             socket_mode: args.socket_mode,
             // A PCI function of this machine has no shareable DMA windows (see
-            // linux-platform): its clients keep to the socket (EOPNOTSUPP for shared memory).
-            arena: (args.arena_mib > 0 && args.pci.is_none()).then(|| {
-                Arc::new(arenas::HostArenas::new(host.clone())) as Arc<dyn vscsi_ipc::ArenaProvider>
+            // linux-platform): its shared-memory clients get arenas of plain memory, which the
+            // driver copies through its command slots (the rings still save the socket hop).
+            arena: (args.arena_mib > 0).then(|| {
+                if args.pci.is_some() {
+                    Arc::new(vscsi_ipc::MemfdArenas::new()) as Arc<dyn vscsi_ipc::ArenaProvider>
+                } else {
+                    Arc::new(arenas::HostArenas::new(host.clone()))
+                        as Arc<dyn vscsi_ipc::ArenaProvider>
+                }
             }),
             arena_bytes: args.arena_mib.max(1) << 20,
             ..ServerConfig::default()
