@@ -240,3 +240,85 @@ fn clients_killed_mid_io_are_cleaned_up_and_others_continue() {
         assert!(disk.read_image(at, 4096) == data, "image at {at}");
     }
 }
+
+/// Reads through the zero-copy path, which the daemon's poller submits itself (no worker), on
+/// a disk slower than the command timeout: each is recovered (ABORT TASK ...) once overdue and
+/// answered exactly once, in bounded time, while another disk keeps serving the same client.
+#[test]
+fn overdue_zero_copy_reads_are_recovered_and_answered_once() {
+    let dir = tmp();
+    let good = TestDisk::create(dir.path(), "good.img", 4 * MIB, 4);
+    let d = DaemonBuilder::new(dir.path())
+        .disk(&good)
+        .arg("--disk-qemu")
+        .arg("driver=null-co,size=64M,latency-ns=1500000000")
+        .arg("--command-timeout-ms")
+        .arg("300")
+        .arg("--tmf-timeout-ms")
+        .arg("400")
+        .arg(ARENA_FLAG)
+        .arg("8")
+        .start();
+    let c = connect_shm(&d);
+    let slow = c.open("/1", OpenFlags::READ).expect("open slow disk");
+    let fast = c.open("/0", OpenFlags::READ).expect("open good disk");
+    let t0 = Instant::now();
+    let mut slow_tickets = Vec::new();
+    for i in 0..4u64 {
+        let b = c.alloc_buf(4096).expect("arena buffer");
+        slow_tickets.push(c.prep_read(&slow, i * 4096, b).expect("queue"));
+    }
+    let b = c.alloc_buf(4096).expect("arena buffer");
+    let fast_ticket = c.prep_read(&fast, 8192, b).expect("queue");
+    c.submit().expect("submit");
+    let mut out = Vec::new();
+    while out.len() < 5 {
+        let n = c
+            .reap(5 - out.len(), Some(Duration::from_secs(30)), &mut out)
+            .expect("reap");
+        assert!(n > 0, "no answer within 30 s: {} of 5", out.len());
+    }
+    assert!(t0.elapsed() < Duration::from_secs(25), "{:?}", t0.elapsed());
+    for comp in &out {
+        if comp.ticket == fast_ticket {
+            assert_eq!(comp.result.as_ref().expect("good disk"), &4096);
+            let b = comp.buf.as_ref().expect("buffer");
+            assert!(b[..] == good.read_image(8192, 4096)[..]);
+        } else {
+            assert!(slow_tickets.contains(&comp.ticket));
+            if let Ok(n) = comp.result.as_ref() {
+                assert_eq!(*n, 4096, "a completed read is complete");
+            }
+        }
+    }
+    // Exactly once: nothing more arrives.
+    let mut late = Vec::new();
+    assert_eq!(
+        c.reap(1, Some(Duration::from_millis(500)), &mut late)
+            .expect("reap"),
+        0
+    );
+    let stats = c.stats().expect("stats");
+    let value = |name: &str| {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(value("command_timeouts") >= 1, "{stats}");
+    assert!(value("task_management_functions") >= 1, "{stats}");
+    for line in stats.lines().filter(|l| l.starts_with("queue ")) {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w[3], w[5], "submitted == completed: {line}");
+    }
+    // The session works on after recovery.
+    let b = c.alloc_buf(4096).expect("arena buffer");
+    c.prep_read(&fast, 0, b).expect("queue");
+    c.submit().expect("submit");
+    out.clear();
+    c.reap(1, Some(Duration::from_secs(30)), &mut out)
+        .expect("reap");
+    let comp = out.pop().expect("completion");
+    assert_eq!(comp.result.expect("read"), 4096);
+    assert!(comp.buf.expect("buffer")[..] == good.read_image(0, 4096)[..]);
+}

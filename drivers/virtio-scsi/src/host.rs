@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use platform::{IrqWait, Platform};
 use scsi_commands as scsi;
-use target_steering::{LockKind, Picked, Policy, Steering, SteeringStats, Tracker};
+use target_steering::{LockKind, Policy, Steering, SteeringStats, Tracker};
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
 use crate::control::{ControlQueue, Epoch, Tmf, tmf_succeeded};
@@ -480,9 +480,21 @@ impl ScsiHost {
     /// CPU is the "current CPU" of the steering policy). The route stays picked until dropped,
     /// which must be after the request's last command completed.
     fn route(&self, disk: &Disk) -> Route<'_> {
-        let picked = self.steering.pick(disk.target, self.platform.current_cpu());
+        Route {
+            host: self,
+            id: self.pick_route(disk),
+        }
+    }
+
+    /// [`ScsiHost::route`] without the guard (for a command token that owns its route): every
+    /// pick must be ended by exactly one [`ScsiHost::end_route`], after the request's last use
+    /// of the queue (the target-steering rule: complete after the last use).
+    pub(crate) fn pick_route(&self, disk: &Disk) -> RouteId {
+        let queue = self
+            .steering
+            .pick_raw(disk.target, self.platform.current_cpu());
         let tracked = match &self.tracker {
-            Some(t) => match t.try_begin(disk.target, picked.queue()) {
+            Some(t) => match t.try_begin(disk.target, queue) {
                 Ok(()) => true,
                 Err(v) => {
                     self.violations.fetch_add(1, Ordering::Relaxed);
@@ -492,11 +504,38 @@ impl ScsiHost {
             },
             None => false,
         };
-        Route {
-            host: self,
-            picked,
+        RouteId {
+            target: disk.target,
+            queue,
             tracked,
         }
+    }
+
+    /// Ends a route picked with [`ScsiHost::pick_route`].
+    pub(crate) fn end_route(&self, id: RouteId) {
+        // The invariant record ends before the steering pick completes, so the record never
+        // shows a request the steering no longer counts.
+        if id.tracked
+            && let Some(t) = &self.tracker
+        {
+            t.end(id.target);
+        }
+        self.steering.complete_raw(id.target);
+    }
+
+    /// Request queue `index` (as picked by the steering).
+    pub(crate) fn queue_at(&self, index: usize) -> &RequestQueue {
+        &self.queues[index]
+    }
+
+    /// Settings of the host.
+    pub(crate) fn host_config(&self) -> &HostConfig {
+        &self.cfg
+    }
+
+    /// The host's own DMA memory.
+    pub(crate) fn dma_arena(&self) -> &DmaArena {
+        &self.arena
     }
 
     /// A new device-visible window for a client's zero-copy arena: block I/O whose buffer lies
@@ -570,7 +609,13 @@ impl ScsiHost {
     }
 
     /// Writes the request header, and the out-data if any, into a slot.
-    fn fill(&self, slot: &mut SlotGuard<'_>, lun: &[u8; 8], cdb: &[u8], out: Option<&[u8]>) {
+    pub(crate) fn fill(
+        &self,
+        slot: &mut SlotGuard<'_>,
+        lun: &[u8; 8],
+        cdb: &[u8],
+        out: Option<&[u8]>,
+    ) {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         slot.lun = *lun;
         slot.tag = tag;
@@ -594,19 +639,44 @@ impl ScsiHost {
         data: Data<'_>,
         copy_in: bool,
     ) -> Result<Transferred, DriverError> {
-        let mut recovered = false;
-        let used = match slot.wait(Some(self.cfg.command_timeout)) {
-            Ok(used) => used as usize,
-            Err(QueueError::Timeout(_)) => {
-                recovered = true;
-                match self.recover(slot) {
-                    Ok(used) => used as usize,
-                    Err(e) => return Err(DriverError::TimedOut(e.to_string())),
-                }
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let (resp_area, buf) = slot.response();
+        let (used, recovered) = self.wait_used(slot, self.cfg.command_timeout)?;
+        let transferred = self.decode(slot, used, recovered, data.len())?;
+        if copy_in && let Data::In(dst) = data {
+            let (_, buf) = slot.response();
+            dst[..transferred.0].copy_from_slice(&buf[..transferred.0]);
+        }
+        Ok(transferred)
+    }
+
+    /// Waits up to `timeout` for a submitted slot, then recovers the command (see `recover`).
+    /// Returns the used length and whether recovery was needed.
+    pub(crate) fn wait_used(
+        &self,
+        slot: &mut SlotGuard<'_>,
+        timeout: Duration,
+    ) -> Result<(usize, bool), DriverError> {
+        match slot.wait(Some(timeout)) {
+            Ok(used) => Ok((used as usize, false)),
+            Err(QueueError::Timeout(_)) => match self.recover(slot) {
+                Ok(used) => Ok((used as usize, true)),
+                Err(e) => Err(DriverError::TimedOut(e.to_string())),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Decodes the response of a completed command (`used` bytes reported by the device,
+    /// `expected` data bytes asked for) into the bytes transferred, or the error it reports.
+    /// `recovered`: the command came back through recovery (then anything but success is a
+    /// timeout, not retried). The one decoder of every command's response, blocking or not.
+    pub(crate) fn decode(
+        &self,
+        slot: &SlotGuard<'_>,
+        used: usize,
+        recovered: bool,
+        expected: usize,
+    ) -> Result<Transferred, DriverError> {
+        let (resp_area, _) = slot.response();
         // One copy of the response (on the stack: no allocation per command), decoded from
         // the copy so every field is read once.
         let mut copy = [0u8; wire::RESP_HEADER_LEN + wire::MAX_SENSE_SIZE as usize];
@@ -625,18 +695,50 @@ impl ScsiHost {
             return Err(DriverError::Virtio(resp.response));
         }
         scsi::ScsiError::from_status(resp.status.into(), resp.sense)?;
-        let expected = data.len();
         let resid = resp.resid as usize;
         if resid > expected {
             return Err(DriverError::Invalid(format!(
                 "device reported residual {resid} for a {expected}-byte transfer"
             )));
         }
-        let transferred = expected - resid;
-        if copy_in && let Data::In(dst) = data {
-            dst[..transferred].copy_from_slice(&buf[..transferred]);
+        Ok(Transferred(expected - resid))
+    }
+
+    /// Settles one read or write command of a block request (`n` bytes at block `lba`) whose
+    /// first attempt ended with `first`: the full transfer is success; a short one is an
+    /// error; a retryable error is retried on its own through a slot buffer (after giving
+    /// `slot` up) with the bounded retry policy, when the piece fits a slot. `data` is the
+    /// piece's buffer, asked for only to retry (after the first attempt was answered).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn settle<'d>(
+        &self,
+        queue: &RequestQueue,
+        lun: &[u8; 8],
+        is_write: bool,
+        lba: u64,
+        n: usize,
+        first: Result<Transferred, DriverError>,
+        slot: SlotGuard<'_>,
+        data: impl FnOnce() -> Data<'d>,
+        bs: usize,
+    ) -> Result<(), DriverError> {
+        let whole = |r: Result<Transferred, DriverError>| match r {
+            Ok(Transferred(t)) if t == n => Ok(()),
+            Ok(Transferred(t)) => Err(DriverError::ShortTransfer {
+                expected: n,
+                transferred: t,
+            }),
+            Err(e) => Err(e),
+        };
+        match first {
+            Err(e) if e.is_retryable() && n <= queue.data_cap() => {
+                drop(slot);
+                let cdb = rw_cdb(is_write, lba, (n / bs.max(1)) as u64)
+                    .map_err(|e| DriverError::Invalid(e.to_string()))?;
+                whole(self.execute_on(queue, lun, cdb.as_slice(), data()))
+            }
+            other => whole(other),
         }
-        Ok(Transferred(transferred))
     }
 
     /// A command in `slot` did not complete in time. Escalates until it does: ABORT TASK,
@@ -1037,34 +1139,27 @@ impl ScsiHost {
                 BlockBuf::Read(b) => Data::In(&mut b[at..at + n]),
                 BlockBuf::Write(b) => Data::Out(&b[at..at + n]),
             };
-            let outcome = match self.finish_inner(&mut slot, data, !zero_copy) {
-                Ok(Transferred(t)) if t == n => Ok(()),
-                Ok(Transferred(t)) => Err(DriverError::ShortTransfer {
-                    expected: n,
-                    transferred: t,
-                }),
-                Err(e) if e.is_retryable() && n <= queue.data_cap() => {
-                    drop(slot);
-                    // Redo this piece on its own (through the slot buffer), with the bounded
-                    // retry policy.
-                    let at_lba = lba + (at / bs) as u64;
-                    let cdb = rw_cdb(is_write, at_lba, (n / bs) as u64)
-                        .map_err(|e| DriverError::Invalid(e.to_string()))?;
-                    let data = match &mut buf {
-                        BlockBuf::Read(b) => Data::In(&mut b[at..at + n]),
-                        BlockBuf::Write(b) => Data::Out(&b[at..at + n]),
-                    };
-                    match self.execute_on(queue, &disk.lun_field, cdb.as_slice(), data) {
-                        Ok(Transferred(t)) if t == n => Ok(()),
-                        Ok(Transferred(t)) => Err(DriverError::ShortTransfer {
-                            expected: n,
-                            transferred: t,
-                        }),
-                        Err(e) => Err(e),
-                    }
+            let first = self.finish_inner(&mut slot, data, !zero_copy);
+            let piece = &mut buf;
+            let data = move || {
+                let piece = piece; // moved in: the closure runs once
+                match piece {
+                    BlockBuf::Read(b) => Data::In(&mut b[at..at + n]),
+                    BlockBuf::Write(b) => Data::Out(&b[at..at + n]),
                 }
-                Err(e) => Err(e),
             };
+            let at_lba = lba + (at / bs) as u64;
+            let outcome = self.settle(
+                queue,
+                &disk.lun_field,
+                is_write,
+                at_lba,
+                n,
+                first,
+                slot,
+                data,
+                bs,
+            );
             if let Err(e) = outcome
                 && result.is_ok()
             {
@@ -1146,28 +1241,43 @@ impl Drop for ScsiHost {
     }
 }
 
-/// A picked request queue; completes the steering pick on drop.
+/// A picked request queue as plain values (see [`ScsiHost::pick_route`]).
+#[derive(Debug)]
+#[must_use = "a picked route is ended with ScsiHost::end_route"]
+pub(crate) struct RouteId {
+    target: u8,
+    queue: usize,
+    /// Recorded in the live invariant check (ended with the route).
+    tracked: bool,
+}
+
+impl RouteId {
+    /// The request queue (index into `ScsiHost::queues`).
+    pub(crate) fn queue(&self) -> usize {
+        self.queue
+    }
+}
+
+/// A picked request queue; ends the route on drop.
 struct Route<'h> {
     host: &'h ScsiHost,
-    picked: Picked<'h>,
-    tracked: bool,
+    id: RouteId,
 }
 
 impl Route<'_> {
     fn queue(&self) -> &RequestQueue {
-        &self.host.queues[self.picked.queue()]
+        &self.host.queues[self.id.queue]
     }
 }
 
 impl Drop for Route<'_> {
     fn drop(&mut self) {
-        // The invariant record ends before the steering pick completes (when `picked` drops
-        // after this), so the record never shows a request the steering no longer counts.
-        if self.tracked
-            && let Some(t) = &self.host.tracker
-        {
-            t.end(self.picked.target());
-        }
+        let id = RouteId {
+            target: self.id.target,
+            queue: self.id.queue,
+            tracked: self.id.tracked,
+        };
+        self.host.end_route(id);
     }
 }
 
@@ -1271,7 +1381,7 @@ fn write_same_refused(e: &DriverError) -> bool {
     }
 }
 
-fn rw_cdb(write: bool, lba: u64, blocks: u64) -> Result<scsi::Cdb, scsi::CdbError> {
+pub(crate) fn rw_cdb(write: bool, lba: u64, blocks: u64) -> Result<scsi::Cdb, scsi::CdbError> {
     if write {
         scsi::Cdb::write(lba, blocks, false)
     } else {

@@ -7,15 +7,21 @@
 //! Concurrency rules (each written next to the data too):
 //! - `QueueInner` (ring, free list, token table) is behind `RequestQueue::inner`. It is held only
 //!   to add a chain or to pop used chains, never while waiting and never with another queue's lock.
-//! - A slot's state is behind its own `SlotSync::state`. Lock order: `inner` before a slot's
-//!   `state` (the completion path); a waiter holds only its slot's `state`.
+//! - A slot's state (and its completion waker) is behind its own `SlotSync::state`. Lock
+//!   order: `inner` before a slot's `state` (the completion path); a waiter holds only its
+//!   slot's `state`.
+//! - A completed command wakes exactly one kind of owner: the slot's [`CompletionWaker`] if
+//!   one is installed (an asynchronous owner that polls, see `crate::async_io`), else the
+//!   slot's condvar (a blocking owner). A blocking wait removes the waker first. Wakers are
+//!   called with `inner` and the slot's `state` held, so they must only flip flags or ring an
+//!   eventfd: never block, never call back into the driver.
 //! - The notify (an MMIO posted write) happens after `inner` is released.
 //! - A slot whose command is in flight is never reused until the device has returned it in the
 //!   used ring, even if its submitter gave up waiting (`Orphaned`): the device may still write to
 //!   its buffers, and a reused buffer must never receive a stale command's data.
 
 use std::ptr::NonNull;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use virtio_drivers::queue::VirtQueue;
@@ -96,9 +102,26 @@ enum SlotState {
     Orphaned,
 }
 
+/// Told when an asynchronously owned slot's command is answered (see the module rules:
+/// called under the queue and slot locks, so it must not block or re-enter the driver).
+pub trait CompletionWaker: Send + Sync {
+    /// The command of the slot this waker was installed on has a result now.
+    fn wake(&self);
+}
+
+/// What a slot's mutex protects.
+struct SlotCell {
+    state: SlotState,
+    /// Installed by an asynchronous owner before submission ([`SlotGuard::set_waker`]);
+    /// taken (and called) when the command is answered, cleared when the owner blocks, gives
+    /// the slot up, or the slot is freed. While it is set, completion does not signal `done`.
+    waker: Option<Arc<dyn CompletionWaker>>,
+}
+
 struct SlotSync {
     /// Protected by itself; see the module rules for lock order.
-    state: Mutex<SlotState>,
+    state: Mutex<SlotCell>,
+    /// Signalled when the command is answered and no waker is installed.
     done: Condvar,
 }
 
@@ -231,6 +254,20 @@ pub struct RequestQueue {
     pub stats: QueueStats,
 }
 
+/// A [`SlotGuard`] taken apart so that it can be owned without borrowing its queue (an
+/// asynchronous command's token keeps the host, hence the queue, alive itself). Turn it back
+/// into a guard with [`RequestQueue::reattach`] on the same queue; dropping it instead leaks
+/// the slot (never reused: safe, but the queue has one slot fewer), so owners always
+/// reattach.
+#[derive(Debug)]
+#[must_use = "a detached slot is only given back through RequestQueue::reattach"]
+pub(crate) struct SlotId {
+    slot: u16,
+    submitted: bool,
+    lun: [u8; 8],
+    tag: u64,
+}
+
 /// Exclusive use of one slot between [`RequestQueue::acquire`] and the end of the command.
 pub struct SlotGuard<'q> {
     queue: &'q RequestQueue,
@@ -289,7 +326,10 @@ impl RequestQueue {
             slot_freed: Condvar::new(),
             slots: (0..nslots)
                 .map(|_| SlotSync {
-                    state: Mutex::new(SlotState::Free),
+                    state: Mutex::new(SlotCell {
+                        state: SlotState::Free,
+                        waker: None,
+                    }),
                     done: Condvar::new(),
                 })
                 .collect(),
@@ -320,11 +360,32 @@ impl RequestQueue {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn slot_state(&self, slot: u16) -> MutexGuard<'_, SlotState> {
+    fn slot_state(&self, slot: u16) -> MutexGuard<'_, SlotCell> {
         self.slots[usize::from(slot)]
             .state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers the command in `slot` (whose cell `st` is locked, state `InFlight`): records
+    /// `result` and wakes the owner (its waker, else the condvar; see the module rules).
+    fn answer(&self, slot: u16, st: &mut SlotCell, result: Result<u32, QueueError>) {
+        st.state = SlotState::Done(result);
+        match st.waker.take() {
+            Some(w) => w.wake(),
+            None => self.slots[usize::from(slot)].done.notify_all(),
+        }
+    }
+
+    /// Turns a detached slot back into its guard.
+    pub(crate) fn reattach(&self, id: SlotId) -> SlotGuard<'_> {
+        SlotGuard {
+            queue: self,
+            slot: id.slot,
+            submitted: id.submitted,
+            lun: id.lun,
+            tag: id.tag,
+        }
     }
 
     fn broken_error(&self, reason: &str) -> QueueError {
@@ -355,7 +416,7 @@ impl RequestQueue {
                 return Err(self.broken_error(reason));
             }
             if let Some(slot) = inner.free.pop() {
-                *self.slot_state(slot) = SlotState::Owned;
+                self.slot_state(slot).state = SlotState::Owned;
                 return Ok(SlotGuard {
                     queue: self,
                     slot,
@@ -378,7 +439,7 @@ impl RequestQueue {
             return Err(self.broken_error(reason));
         }
         Ok(inner.free.pop().map(|slot| {
-            *self.slot_state(slot) = SlotState::Owned;
+            self.slot_state(slot).state = SlotState::Owned;
             SlotGuard {
                 queue: self,
                 slot,
@@ -494,16 +555,14 @@ impl RequestQueue {
     /// Records the result of `slot`'s command, waking its owner or freeing an orphan.
     fn finish_locked(&self, inner: &mut QueueInner, slot: u16, result: Result<u32, QueueError>) {
         let mut st = self.slot_state(slot);
-        match *st {
+        match st.state {
             SlotState::Orphaned => {
-                *st = SlotState::Free;
+                st.state = SlotState::Free;
+                st.waker = None;
                 inner.free.push(slot);
                 self.slot_freed.notify_one();
             }
-            SlotState::InFlight => {
-                *st = SlotState::Done(result);
-                self.slots[usize::from(slot)].done.notify_all();
-            }
+            SlotState::InFlight => self.answer(slot, &mut st, result),
             // Already answered (a broken queue failed it): exactly once.
             SlotState::Done(_) | SlotState::Owned | SlotState::Free => {}
         }
@@ -525,9 +584,8 @@ impl RequestQueue {
         }
         for c in inner.chains.iter().flatten() {
             let mut st = self.slot_state(c.slot);
-            if matches!(*st, SlotState::InFlight) {
-                *st = SlotState::Done(Err(self.broken_error(&reason)));
-                self.slots[usize::from(c.slot)].done.notify_all();
+            if matches!(st.state, SlotState::InFlight) {
+                self.answer(c.slot, &mut st, Err(self.broken_error(&reason)));
             }
         }
         self.slot_freed.notify_all();
@@ -659,7 +717,7 @@ impl SlotGuard<'_> {
                 Some(entry) => *entry = Some(chain),
                 None => return Err(q.broken_error("virtqueue returned a bad token")),
             }
-            *q.slot_state(self.slot) = SlotState::InFlight;
+            q.slot_state(self.slot).state = SlotState::InFlight;
             self.submitted = true;
             inner.vq.should_notify()
         };
@@ -685,12 +743,10 @@ impl SlotGuard<'_> {
         let sync = &q.slots[usize::from(self.slot)];
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = q.slot_state(self.slot);
+        // A blocking owner is woken through the condvar: no waker may take its signal.
+        st.waker = None;
         loop {
-            if let SlotState::Done(_) = &*st {
-                let SlotState::Done(result) = std::mem::replace(&mut *st, SlotState::Owned) else {
-                    unreachable!("matched Done above");
-                };
-                self.submitted = false;
+            if let Some(result) = self.take_done(&mut st) {
                 return result;
             }
             match deadline {
@@ -708,6 +764,52 @@ impl SlotGuard<'_> {
                 }
             }
         }
+    }
+
+    /// The result of the command if it was answered (the slot is then owned again and can be
+    /// read with [`SlotGuard::response`]).
+    fn take_done(&mut self, st: &mut SlotCell) -> Option<Result<u32, QueueError>> {
+        if !matches!(st.state, SlotState::Done(_)) {
+            return None;
+        }
+        match std::mem::replace(&mut st.state, SlotState::Owned) {
+            SlotState::Done(result) => {
+                self.submitted = false;
+                Some(result)
+            }
+            other => {
+                st.state = other;
+                None
+            }
+        }
+    }
+
+    /// Installs (or with `None` removes) the waker told when this slot's command is answered.
+    /// Install it before [`SlotGuard::submit_external`]/[`SlotGuard::submit`], so no answer
+    /// can come before it.
+    pub fn set_waker(&mut self, waker: Option<Arc<dyn CompletionWaker>>) {
+        self.queue.slot_state(self.slot).waker = waker;
+    }
+
+    /// The submitted command's result if it was answered, without waiting (`None`: still with
+    /// the device). Like [`SlotGuard::wait`], a result is returned once.
+    pub fn try_result(&mut self) -> Option<Result<u32, QueueError>> {
+        let q = self.queue;
+        let mut st = q.slot_state(self.slot);
+        self.take_done(&mut st)
+    }
+
+    /// Takes the guard apart (see [`SlotId`]); the slot stays in its state.
+    pub(crate) fn detach(self) -> SlotId {
+        let id = SlotId {
+            slot: self.slot,
+            submitted: self.submitted,
+            lun: self.lun,
+            tag: self.tag,
+        };
+        // Not dropped: the slot is not freed or orphaned; `reattach` gives it a guard again.
+        std::mem::forget(self);
+        id
     }
 
     /// The response area and data buffer after completion.
@@ -729,11 +831,13 @@ impl Drop for SlotGuard<'_> {
         let q = self.queue;
         let mut inner = q.lock();
         let mut st = q.slot_state(self.slot);
-        match *st {
+        // Nobody polls for this slot any more.
+        st.waker = None;
+        match st.state {
             // Still with the device: it frees the slot when it comes back.
-            SlotState::InFlight => *st = SlotState::Orphaned,
+            SlotState::InFlight => st.state = SlotState::Orphaned,
             _ => {
-                *st = SlotState::Free;
+                st.state = SlotState::Free;
                 inner.free.push(self.slot);
                 q.slot_freed.notify_one();
             }

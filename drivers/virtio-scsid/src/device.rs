@@ -2,20 +2,25 @@
 //! Disk numbers are the host's discovery order (target, then LUN). Driver errors become Redox
 //! errno values here, after their full text is logged. Also the disks' identity (INQUIRY and
 //! VPD data the driver probed), discard (`ScsiHost::discard`: UNMAP or WRITE SAME with UNMAP)
-//! and write zeroes (`ScsiHost::write_zeroes`: WRITE SAME(16) without UNMAP).
+//! and write zeroes (`ScsiHost::write_zeroes`: WRITE SAME(16) without UNMAP). Split-phase
+//! I/O ([`BlockDevice::async_io`]) is the driver's `ScsiHost::submit_async`: one token per
+//! request slot at a time, kept in a [`HostIo`].
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use block_scheme::{BlockDevice, DiskIdentity, DiskInfo, Error, Result};
-use syscall::error::{EOPNOTSUPP, EROFS};
+use block_scheme::{
+    AsyncBlockIo, AsyncBuf, AsyncPoll, BlockDevice, DiskIdentity, DiskInfo, Error, IoWaker, Result,
+};
+use syscall::error::{ENODEV, EOPNOTSUPP, EROFS};
 use virtio_scsi::disk::Discard;
-use virtio_scsi::{DriverError, ScsiHost};
+use virtio_scsi::{AsyncIo, CompletionWaker, DriverError, ScsiHost};
 
 /// The block devices of one host.
 pub struct HostDevices {
     host: Arc<ScsiHost>,
     /// Targets configured read-only on the daemon's command line.
-    readonly_targets: Vec<u8>,
+    readonly_targets: Arc<[u8]>,
 }
 
 impl HostDevices {
@@ -23,7 +28,7 @@ impl HostDevices {
     pub fn new(host: Arc<ScsiHost>, readonly_targets: Vec<u8>) -> Self {
         HostDevices {
             host,
-            readonly_targets,
+            readonly_targets: readonly_targets.into(),
         }
     }
 
@@ -150,5 +155,86 @@ impl BlockDevice for HostDevices {
 
     fn stats(&self) -> String {
         self.host.stats().to_string()
+    }
+
+    fn async_io(&self, waker: Arc<dyn IoWaker>) -> Option<Box<dyn AsyncBlockIo>> {
+        Some(Box::new(HostIo {
+            host: self.host.clone(),
+            readonly_targets: self.readonly_targets.clone(),
+            waker: Arc::new(Waker(waker)),
+            token: None,
+        }))
+    }
+}
+
+/// The scheme's waker as the driver's (made once per request slot, at set-up).
+struct Waker(Arc<dyn IoWaker>);
+
+impl CompletionWaker for Waker {
+    fn wake(&self) {
+        self.0.wake();
+    }
+}
+
+/// One request slot of split-phase I/O: at most one driver token at a time. Used by one
+/// thread at a time (the scheme's `AsyncSlot` that owns it moves between a server's poller
+/// and its workers).
+struct HostIo {
+    host: Arc<ScsiHost>,
+    readonly_targets: Arc<[u8]>,
+    waker: Arc<dyn CompletionWaker>,
+    /// The command in flight (with its disk number and direction, for the log); `None` when
+    /// settled.
+    token: Option<(AsyncIo, usize, bool)>,
+}
+
+impl AsyncBlockIo for HostIo {
+    unsafe fn submit(&mut self, disk: usize, lba: u64, buf: AsyncBuf, write: bool) -> Result<bool> {
+        if self.token.is_some() {
+            return Ok(false);
+        }
+        let d = self.host.disk(disk).ok_or(Error::new(ENODEV))?;
+        if write && (d.readonly || self.readonly_targets.contains(&d.target)) {
+            return Err(Error::new(EROFS));
+        }
+        // SAFETY: the buffer contract of `AsyncBlockIo::submit` is `submit_async`'s: valid and
+        // untouched until the token settles (`poll` → Done, or `finish_blocking` returned),
+        // and kept mapped if the token is dropped unsettled.
+        let token = unsafe {
+            self.host
+                .submit_async(&d, lba, buf.ptr, buf.len, write, &self.waker)
+        };
+        self.token = token.map(|t| (t, disk, write));
+        Ok(self.token.is_some())
+    }
+
+    fn poll(&mut self) -> AsyncPoll {
+        let Some((t, _, _)) = self.token.as_mut() else {
+            return AsyncPoll::Done;
+        };
+        match t.poll() {
+            virtio_scsi::AsyncPoll::Pending => AsyncPoll::Pending,
+            virtio_scsi::AsyncPoll::Slow => AsyncPoll::Slow,
+            virtio_scsi::AsyncPoll::Done => {
+                self.token = None;
+                AsyncPoll::Done
+            }
+        }
+    }
+
+    fn finish_blocking(&mut self) -> Result<()> {
+        let Some((t, disk, write)) = self.token.take() else {
+            return Ok(());
+        };
+        let op = if write { "write" } else { "read" };
+        t.finish_blocking().map_err(|e| errno(op, disk, e))
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.token.as_ref().map(|(t, _, _)| t.deadline())
+    }
+
+    fn reaches(&self, mem: AsyncBuf) -> bool {
+        virtio_scsi::hal::is_device_visible(mem.ptr.as_ptr(), mem.len)
     }
 }

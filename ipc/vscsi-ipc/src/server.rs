@@ -13,8 +13,9 @@
 //!
 //! With an [`ArenaProvider`] configured, a connection may also start the shared-memory
 //! transport (`ShmSetup`, see [`crate::shm`] and [`crate::shm_server`]): its reader thread sets
-//! the session up, a per-connection poller thread takes submissions from the ring, and a
-//! separate pool of shm workers runs them. The session ends with the connection.
+//! the session up, a per-connection poller thread takes submissions from the ring and starts
+//! the aligned reads and writes itself where the device has split-phase I/O, and a separate
+//! pool of shm workers runs the rest. The session ends with the connection.
 
 use std::collections::HashMap;
 use std::fs;
@@ -116,6 +117,10 @@ pub struct ServerConfig {
     /// Longest time a session's poller spins on an empty ring before it sleeps (adaptive
     /// below this); 0 never spins.
     pub shm_spin: Duration,
+    /// Whether a session's poller starts aligned whole-block reads and writes itself, without
+    /// a worker, when the device has split-phase I/O ([`block_scheme::BlockDevice::async_io`];
+    /// see [`crate::shm_server`]). On by default; off, every request goes to the shm workers.
+    pub shm_async: bool,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -130,6 +135,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("arena", &self.arena.is_some())
             .field("arena_bytes", &self.arena_bytes)
             .field("shm_spin", &self.shm_spin)
+            .field("shm_async", &self.shm_async)
             .finish()
     }
 }
@@ -151,6 +157,7 @@ impl ServerConfig {
             } else {
                 Duration::ZERO
             },
+            shm_async: true,
         }
     }
 }
@@ -439,6 +446,10 @@ impl<D: BlockDevice> Server<D> {
                     max_in_flight: u32::try_from(limits.max_in_flight).unwrap_or(u32::MAX),
                     spin: self.config.shm_spin,
                     jobs: shm_queue.clone(),
+                    scheme: self
+                        .config
+                        .shm_async
+                        .then(|| self.scheme.clone() as Arc<dyn shm_server::AsyncScheme>),
                 }))
             }
         };

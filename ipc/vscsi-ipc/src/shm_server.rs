@@ -3,25 +3,40 @@
 //! Owns: the [`ArenaProvider`] contract (device-visible memory for client arenas) and a memfd
 //! implementation of it, per-connection session set-up (ring memfd, doorbells, the arena), the
 //! per-connection poller thread (adaptive spin, then sleep on the doorbell), validation of
-//! every submission copied out of shared memory, the shared pool of shm workers that call the
-//! scheme with slices of the arena (zero-copy when the arena is DMA memory), completion
-//! posting, and the session's teardown (wait for in-flight requests, recycle the arena).
+//! every submission copied out of shared memory, the asynchronous fast path, the shared pool
+//! of shm workers that call the scheme with slices of the arena (zero-copy when the arena is
+//! DMA memory), completion posting, and the session's teardown (wait for in-flight requests,
+//! recycle the arena).
+//!
+//! # Fast path (no worker)
+//! When the device has split-phase I/O ([`block_scheme::BlockDevice::async_io`]), each request
+//! slot of a session owns an [`AsyncSlot`]. The poller starts an eligible READ or WRITE itself
+//! ([`DiskScheme::submit_async`]: aligned whole blocks, inside the region, range free now) and
+//! goes on; the device's completion thread calls the slot's [`SlotWaker`], which sets the
+//! slot's bit in the session's [`PollerBell`] and rings the poller's private eventfd only if the
+//! poller said it sleeps. The poller then polls the answered slots, posts their completions
+//! and wakes the client (only if it sleeps, as for every completion). Requests that are not
+//! eligible, FSYNC, and fast requests that end in anything but a clean full transfer or pass
+//! their deadline (the device's command timeout) go to the shm workers, which finish them
+//! blocking (the driver's recovery and retries). A request is answered exactly once: by the
+//! poller (`Done`) or by the worker it was handed to.
 //!
 //! No heap allocation per request: the poller, the job queue ([`JobQueue`], a ring allocated
-//! once) and the workers move only plain values and `Arc` clones; each connection's request
-//! slots are a fixed table allocated at set-up.
+//! once) and the workers move only plain values, `Arc` clones and the slots' `AsyncSlot`s
+//! (allocated at set-up, moved, never reallocated); each connection's request slots are a
+//! fixed table allocated at set-up.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering, fence};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
-use block_scheme::{BlockDevice, CallerCtx, DiskScheme};
+use block_scheme::{AsyncBuf, AsyncPoll, AsyncSlot, BlockDevice, CallerCtx, DiskScheme, IoWaker};
 use log::{debug, error, warn};
 use rustix::event::{PollFd, PollFlags, poll};
 use syscall::error::{EBADF, EBUSY, EFAULT, EINVAL, EIO, ENOSYS};
@@ -124,6 +139,45 @@ pub(crate) struct ShmService {
     pub(crate) max_in_flight: u32,
     pub(crate) spin: Duration,
     pub(crate) jobs: Arc<JobQueue>,
+    /// The scheme, for the pollers' fast path; `None`: every request goes to the workers.
+    pub(crate) scheme: Option<Arc<dyn AsyncScheme>>,
+}
+
+/// What the poller needs of the scheme for the fast path, without its device type (the
+/// poller is not generic): [`DiskScheme::async_slot`] and [`DiskScheme::submit_async`].
+pub(crate) trait AsyncScheme: Send + Sync {
+    /// See [`DiskScheme::async_slot`].
+    fn async_slot(&self, waker: Arc<dyn IoWaker>) -> Option<AsyncSlot>;
+    /// See [`DiskScheme::submit_async`].
+    ///
+    /// # Safety
+    /// As [`DiskScheme::submit_async`].
+    unsafe fn submit_async(
+        &self,
+        slot: &mut AsyncSlot,
+        id: usize,
+        write: bool,
+        offset: u64,
+        buf: AsyncBuf,
+    ) -> block_scheme::Result<bool>;
+}
+
+impl<D: BlockDevice> AsyncScheme for DiskScheme<D> {
+    fn async_slot(&self, waker: Arc<dyn IoWaker>) -> Option<AsyncSlot> {
+        DiskScheme::async_slot(self, waker)
+    }
+
+    unsafe fn submit_async(
+        &self,
+        slot: &mut AsyncSlot,
+        id: usize,
+        write: bool,
+        offset: u64,
+        buf: AsyncBuf,
+    ) -> block_scheme::Result<bool> {
+        // SAFETY: the caller's contract is this one's.
+        unsafe { DiskScheme::submit_async(self, slot, id, write, offset, buf) }
+    }
 }
 
 struct QueueState {
@@ -164,6 +218,8 @@ impl JobQueue {
     }
 
     /// Queues a job, waiting while the queue is full; gives it back if the queue is closed.
+    // The job comes back by value: boxing it would allocate per request.
+    #[allow(clippy::result_large_err)]
     fn push(&self, job: ShmJob) -> Result<(), ShmJob> {
         let mut st = lock(&self.state);
         while st.jobs.len() >= st.cap && !st.closed {
@@ -247,12 +303,16 @@ struct ShmReq {
     user_data: u64,
 }
 
-/// A job for an shm worker: plain values and two `Arc` clones (no allocation).
+/// A job for an shm worker: plain values, two `Arc` clones and, for a fast request to
+/// finish blocking, its slot's `AsyncSlot` (moved, not allocated).
 pub(crate) struct ShmJob {
     shm: Arc<ShmConn>,
     conn: Arc<Conn>,
     slot: u16,
     req: ShmReq,
+    /// A fast-path request already started on this `AsyncSlot`: the worker only finishes it
+    /// ([`AsyncSlot::finish_blocking`]) and gives the `AsyncSlot` back with the completion.
+    started: Option<AsyncSlot>,
 }
 
 /// An arena range in use by a request in flight.
@@ -263,9 +323,18 @@ struct SlotRange {
     writes_arena: bool,
     start: usize,
     end: usize,
+    /// The request runs on the fast path and the poller collects it (its `AsyncSlot` is in
+    /// `Book::ios`); false once handed to a worker.
+    fast: bool,
+    /// The request's `user_data` (for the fast path's completion).
+    user_data: u64,
 }
 
 /// Completion-side bookkeeping of one session, under one mutex.
+///
+/// Lock order: `book` before the driver's locks (the poller polls and settles `AsyncSlot`s
+/// under it); the device's completion thread never takes it (its wakers touch only atomics
+/// and the eventfd).
 struct Book {
     /// CQEs published (private copy; the shared `cq_tail` is only ever written from it).
     cq_tail: u32,
@@ -274,6 +343,51 @@ struct Book {
     slots: Box<[SlotRange]>,
     /// Free slot indices (capacity = slots; push/pop never allocate).
     free: Vec<u16>,
+    /// Per request slot, its `AsyncSlot` for the fast path (all `None` without one). Taken
+    /// out while the poller starts a request on it (outside this lock) and while a worker
+    /// finishes one blocking (given back with the completion).
+    ios: Box<[Option<AsyncSlot>]>,
+}
+
+/// The poller's wake-up for fast-path completions: its private eventfd (also rung to stop it
+/// and when a worker frees a slot it waits for) and which slots were answered.
+///
+/// Protocol (the doorbell rule of [`crate::shm`], with `armed` as the sleeping flag): a waker
+/// sets its slot's bit in `done`, then, if `armed`, swaps it to false and rings `fd`. The
+/// poller sets `armed`, then (both `SeqCst`) re-checks `done`, and sleeps only if every word
+/// is 0; so either it sees the bit or the waker sees `armed` and rings. A completion while the
+/// poller is awake costs two atomics and no system call.
+struct PollerBell {
+    fd: OwnedFd,
+    /// The poller sleeps (or is about to) with fast requests in flight.
+    armed: AtomicBool,
+    /// One bit per request slot, set when its fast request was answered; the poller takes
+    /// them with `swap(0)`. A bit may be stale (the slot's request was handed to a worker);
+    /// polling such a slot is harmless.
+    done: Box<[AtomicU64]>,
+}
+
+impl PollerBell {
+    fn any_done(&self) -> bool {
+        self.done.iter().any(|w| w.load(Ordering::SeqCst) != 0)
+    }
+}
+
+/// The waker of one request slot's `AsyncSlot` (made at set-up).
+struct SlotWaker {
+    bell: Arc<PollerBell>,
+    index: usize,
+}
+
+impl IoWaker for SlotWaker {
+    fn wake(&self) {
+        if let Some(word) = self.bell.done.get(self.index / 64) {
+            word.fetch_or(1 << (self.index % 64), Ordering::SeqCst);
+        }
+        if self.bell.armed.load(Ordering::SeqCst) && self.bell.armed.swap(false, Ordering::SeqCst) {
+            shm::kick(self.bell.fd.as_fd());
+        }
+    }
 }
 
 /// One connection's shared-memory session.
@@ -288,8 +402,10 @@ pub(crate) struct ShmConn {
     server_bell: OwnedFd,
     /// The server rings it when the client sleeps.
     client_bell: OwnedFd,
-    /// Private: stop requests and "room again" from workers.
-    wake: OwnedFd,
+    /// Private: stop requests, "room again" from workers, fast-path completions.
+    bell: Arc<PollerBell>,
+    /// The scheme, when the fast path is on for this session.
+    scheme: Option<Arc<dyn AsyncScheme>>,
     stop: AtomicBool,
     /// The poller sleeps because every request slot is in use.
     poller_waits_room: AtomicBool,
@@ -408,7 +524,7 @@ pub(crate) fn setup(
             shm::new_doorbell()?,
         ))
     })();
-    let (ring_fd, ring, server_bell, client_bell, wake) = match made {
+    let (ring_fd, ring, server_bell, client_bell, wake_fd) = match made {
         Ok(m) => m,
         Err(e) => {
             return fail(
@@ -446,6 +562,38 @@ pub(crate) fn setup(
         max_io: arena_len.min(MAX_PAYLOAD) as u32,
     };
     let n = max_in_flight as usize;
+    let bell = Arc::new(PollerBell {
+        fd: wake_fd,
+        armed: AtomicBool::new(false),
+        done: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+    });
+    // The fast path: one `AsyncSlot` per request slot, or none at all (also when the device
+    // cannot reach this arena in place: no request could ever start).
+    let mut ios: Vec<Option<AsyncSlot>> = Vec::with_capacity(n);
+    let whole_arena = AsyncBuf {
+        ptr,
+        len: arena_len,
+    };
+    if let Some(scheme) = &svc.scheme {
+        for index in 0..n {
+            let waker = Arc::new(SlotWaker {
+                bell: bell.clone(),
+                index,
+            });
+            match scheme.async_slot(waker) {
+                Some(io) if io.reaches(whole_arena) => ios.push(Some(io)),
+                _ => break,
+            }
+        }
+    }
+    if ios.len() < n {
+        ios.clear();
+        ios.resize_with(n, || None);
+    }
+    let fast = svc
+        .scheme
+        .clone()
+        .filter(|_| ios.iter().all(Option::is_some));
     let session = Arc::new(ShmConn {
         conn_id: conn.id,
         ring,
@@ -455,7 +603,8 @@ pub(crate) fn setup(
         info,
         server_bell,
         client_bell,
-        wake,
+        bell,
+        scheme: fast,
         stop: AtomicBool::new(false),
         poller_waits_room: AtomicBool::new(false),
         book: Mutex::new(Book {
@@ -463,6 +612,7 @@ pub(crate) fn setup(
             in_flight: 0,
             slots: vec![SlotRange::default(); n].into_boxed_slice(),
             free: (0..n as u16).rev().collect(),
+            ios: ios.into_boxed_slice(),
         }),
         idle_cv: Condvar::new(),
         spin_max: svc.spin,
@@ -487,11 +637,13 @@ pub(crate) fn setup(
 impl ShmHandle {
     /// Ends the session: stops the poller, waits until no request is in flight, marks the ring
     /// closed, wakes the client and gives the arena back. Called by the connection's teardown
-    /// before it closes the connection's handles.
+    /// before it closes the connection's handles. The stopping poller hands its fast requests
+    /// to the workers (which settle them, recovering any the device holds), so no request,
+    /// and no device access to the arena, outlives the wait.
     pub(crate) fn shutdown(mut self) {
         let s = &self.shm;
         s.stop.store(true, Ordering::SeqCst);
-        shm::kick(s.wake.as_fd());
+        shm::kick(s.bell.fd.as_fd());
         if let Some(p) = self.poller.take() {
             let _ = p.join();
         }
@@ -523,6 +675,33 @@ enum Pass {
     Violation(&'static str),
     /// The worker pool is gone (server stopping).
     Closed,
+}
+
+/// How an attempt to start a request on the fast path went; the `AsyncSlot` comes back in
+/// every case.
+enum Fast {
+    /// Started; collect it by polling (with its deadline, if the device keeps one).
+    Started(AsyncSlot, Option<Instant>),
+    /// Not eligible now: the workers run it as usual.
+    NotStarted(AsyncSlot),
+    /// Refused before any I/O, with this errno (what a worker would have answered).
+    Refused(AsyncSlot, i32),
+}
+
+/// The poller's private state (allocated once when it starts).
+struct PollerState {
+    /// SQEs consumed (never read back from shared memory).
+    sq_head: u32,
+    /// SQEs admitted (each gets exactly one CQE).
+    admitted: u32,
+    /// Fast requests started and neither completed nor handed to a worker.
+    fast_in_flight: u32,
+    /// No fast request in flight is overdue before this instant (a lower bound, recomputed
+    /// when it passes); `None` when none is in flight.
+    earliest: Option<Instant>,
+    /// Slots whose fast request goes to a worker: a bitmap filled under the book lock and
+    /// emptied after it is released (pushing a job may wait).
+    slow: Box<[u64]>,
 }
 
 impl ShmConn {
@@ -627,14 +806,26 @@ impl ShmConn {
         }
     }
 
-    /// Completes the request in `slot` (called by the worker that ran it).
-    fn complete(&self, slot: u16, user_data: u64, res: i32) {
-        let mut b = lock(&self.book);
-        if let Some(s) = b.slots.get_mut(slot as usize) {
+    /// Frees request slot `slot` under the book lock (its request is answered).
+    fn free_slot(b: &mut Book, slot: u16) {
+        if let Some(s) = b.slots.get_mut(usize::from(slot)) {
             s.busy = false;
+            s.fast = false;
         }
         b.free.push(slot);
         b.in_flight = b.in_flight.saturating_sub(1);
+    }
+
+    /// Completes the request in `slot` (called by the worker that ran it, or by the poller for
+    /// a request it refused); `io` is the slot's `AsyncSlot` if the request had it.
+    fn complete(&self, slot: u16, user_data: u64, res: i32, io: Option<AsyncSlot>) {
+        let mut b = lock(&self.book);
+        if let Some(io) = io
+            && let Some(entry) = b.ios.get_mut(usize::from(slot))
+        {
+            *entry = Some(io);
+        }
+        Self::free_slot(&mut b, slot);
         self.post(&mut b, user_data, res);
         let idle = b.in_flight == 0;
         drop(b);
@@ -645,25 +836,56 @@ impl ShmConn {
         // The poller may sleep waiting for a free slot: it set the flag before re-checking
         // `in_flight` under the book lock, so either it saw our decrement or we see its flag.
         if self.poller_waits_room.swap(false, Ordering::SeqCst) {
-            shm::kick(self.wake.as_fd());
+            shm::kick(self.bell.fd.as_fd());
         }
     }
 
-    /// One pass: consume every SQE that has room. `sq_head` and `admitted` are the poller's
-    /// private counters (never read back from shared memory).
+    /// Tries to start a validated READ or WRITE on the fast path (on `io`, its slot's
+    /// `AsyncSlot`, already registered in the book as in flight).
+    fn start_fast(&self, conn: &Conn, mut io: AsyncSlot, req: &ShmReq) -> Fast {
+        let Some(scheme) = &self.scheme else {
+            return Fast::NotStarted(io);
+        };
+        let Some(slot) = conn.slot(req.handle) else {
+            return Fast::Refused(io, EBADF);
+        };
+        // Held while the request starts, as a worker holds it for its scheme call.
+        let guard = slot.read().unwrap_or_else(|e| e.into_inner());
+        let Some(id) = *guard else {
+            return Fast::Refused(io, EBADF);
+        };
+        // SAFETY: `req.buf + req.len <= arena_len` (validated), inside the arena mapping.
+        let ptr = unsafe { self.arena.add(req.buf) };
+        let buf = AsyncBuf { ptr, len: req.len };
+        // SAFETY: the range is validated and registered in the book as in flight (with the
+        // overlap check of admission) until the request completes, and it completes only
+        // after it settled: the poller posts it after `poll` said Done, a worker after
+        // `finish_blocking` returned. The arena stays mapped until `recycle`, which runs after
+        // every request completed (the teardown waits for them, and the stopping poller hands
+        // its fast requests to the workers instead of dropping them).
+        match unsafe { scheme.submit_async(&mut io, id, req.op == op::WRITE, req.offset, buf) } {
+            Ok(true) => {
+                let deadline = io.deadline();
+                Fast::Started(io, deadline)
+            }
+            Ok(false) => Fast::NotStarted(io),
+            Err(e) => Fast::Refused(io, e.errno.clamp(1, 4095)),
+        }
+    }
+
+    /// One pass: consume every SQE that has room.
     fn pass(
         &self,
         conn: &Arc<Conn>,
         me: &Arc<ShmConn>,
         jobs: &JobQueue,
-        sq_head: &mut u32,
-        admitted: &mut u32,
+        st: &mut PollerState,
     ) -> Pass {
         let entries = self.info.sq_entries;
         let mut progress = false;
         loop {
             let tail = self.ring.word(off::SQ_TAIL).load(Ordering::Acquire);
-            let pending = tail.wrapping_sub(*sq_head);
+            let pending = tail.wrapping_sub(st.sq_head);
             if pending > entries {
                 return Pass::Violation("sq_tail is more than the ring size ahead");
             }
@@ -680,7 +902,7 @@ impl ShmConn {
             if b.cq_tail.wrapping_sub(cq_head) > self.info.cq_entries {
                 return Pass::Violation("cq_head is outside the published completions");
             }
-            let room = admitted.wrapping_sub(cq_head) < self.info.cq_entries;
+            let room = st.admitted.wrapping_sub(cq_head) < self.info.cq_entries;
             if !room || b.in_flight >= self.info.max_in_flight {
                 return if progress {
                     Pass::Progress
@@ -689,13 +911,13 @@ impl ShmConn {
                 };
             }
             // Copy the entry out once; everything below looks only at the copy.
-            let e = self.ring.read_sqe(*sq_head);
-            *sq_head = sq_head.wrapping_add(1);
-            *admitted = admitted.wrapping_add(1);
+            let e = self.ring.read_sqe(st.sq_head);
+            st.sq_head = st.sq_head.wrapping_add(1);
+            st.admitted = st.admitted.wrapping_add(1);
             progress = true;
             self.ring
                 .word(off::SQ_HEAD)
-                .store(*sq_head, Ordering::Release);
+                .store(st.sq_head, Ordering::Release);
             let req = match self.validate(&e) {
                 Ok(r) => r,
                 Err(errno) => {
@@ -724,50 +946,280 @@ impl ShmConn {
                 self.wake_client();
                 continue;
             };
-            if let Some(s) = b.slots.get_mut(slot as usize) {
+            let index = usize::from(slot);
+            if let Some(s) = b.slots.get_mut(index) {
                 *s = SlotRange {
                     busy: true,
                     writes_arena,
                     start,
                     end,
+                    fast: false,
+                    user_data: req.user_data,
                 };
             }
             b.in_flight += 1;
+            // The fast path, for reads and writes when the session has it: started outside
+            // the book lock (submission may make a system call).
+            let io = if matches!(req.op, op::READ | op::WRITE) {
+                b.ios.get_mut(index).and_then(Option::take)
+            } else {
+                None
+            };
             drop(b);
+            if let Some(io) = io {
+                let io = match self.start_fast(conn, io, &req) {
+                    Fast::Started(io, deadline) => {
+                        let mut b = lock(&self.book);
+                        if let Some(entry) = b.ios.get_mut(index) {
+                            *entry = Some(io);
+                        }
+                        if let Some(s) = b.slots.get_mut(index) {
+                            s.fast = true;
+                        }
+                        drop(b);
+                        st.fast_in_flight += 1;
+                        if let Some(d) = deadline {
+                            st.earliest = Some(st.earliest.map_or(d, |e| e.min(d)));
+                        }
+                        continue;
+                    }
+                    Fast::Refused(io, errno) => {
+                        self.complete(slot, req.user_data, -errno, Some(io));
+                        continue;
+                    }
+                    Fast::NotStarted(io) => io,
+                };
+                let mut b = lock(&self.book);
+                if let Some(entry) = b.ios.get_mut(index) {
+                    *entry = Some(io);
+                }
+            }
             let job = ShmJob {
                 shm: me.clone(),
                 conn: conn.clone(),
                 slot,
                 req,
+                started: None,
             };
             if let Err(job) = jobs.push(job) {
-                job.shm
-                    .complete(job.slot, job.req.user_data, -syscall::error::ESHUTDOWN);
+                job.shm.complete(
+                    job.slot,
+                    job.req.user_data,
+                    -syscall::error::ESHUTDOWN,
+                    None,
+                );
                 return Pass::Closed;
             }
         }
     }
 
+    /// Collects answered fast requests: posts the completions of clean ones (waking the client
+    /// once), frees their slots, and hands the others to the workers; once `st.earliest` has
+    /// passed, also checks every fast request's deadline and hands the overdue ones over.
+    /// Returns whether anything was collected or handed over.
+    fn reap(
+        &self,
+        conn: &Arc<Conn>,
+        me: &Arc<ShmConn>,
+        jobs: &JobQueue,
+        st: &mut PollerState,
+    ) -> bool {
+        if st.fast_in_flight == 0 {
+            // Only stale bits can be set (requests handed over): clear them.
+            for word in self.bell.done.iter() {
+                if word.load(Ordering::Relaxed) != 0 {
+                    word.store(0, Ordering::SeqCst);
+                }
+            }
+            st.earliest = None;
+            return false;
+        }
+        let now = st.earliest.map(|_| Instant::now());
+        let scan_all = matches!((st.earliest, now), (Some(e), Some(n)) if n >= e);
+        let mut next_earliest: Option<Instant> = None;
+        let mut posted = false;
+        let mut handed = false;
+        let mut book = None;
+        for (w, word) in self.bell.done.iter().enumerate() {
+            let mut bits = word.swap(0, Ordering::SeqCst);
+            if scan_all {
+                bits = u64::MAX;
+            }
+            while bits != 0 {
+                let index = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let b: &mut MutexGuard<'_, Book> = book.get_or_insert_with(|| lock(&self.book));
+                let Some(range) = b.slots.get(index).copied() else {
+                    break;
+                };
+                if !range.busy || !range.fast {
+                    continue;
+                }
+                let Some(io) = b.ios.get_mut(index).and_then(Option::as_mut) else {
+                    continue;
+                };
+                let hand_over = match io.poll() {
+                    AsyncPoll::Done => {
+                        st.fast_in_flight = st.fast_in_flight.saturating_sub(1);
+                        // Slot indices fit u16 (max_in_flight <= MAX_RING_ENTRIES).
+                        Self::free_slot(b, index as u16);
+                        let len = range.end - range.start;
+                        self.post(b, range.user_data, count(len, len));
+                        posted = true;
+                        false
+                    }
+                    AsyncPoll::Slow => true,
+                    AsyncPoll::Pending => match (io.deadline(), now) {
+                        (Some(d), Some(now)) if scan_all && d <= now => true,
+                        (Some(d), _) => {
+                            next_earliest = Some(next_earliest.map_or(d, |e| e.min(d)));
+                            false
+                        }
+                        (None, _) => false,
+                    },
+                };
+                if hand_over {
+                    st.fast_in_flight = st.fast_in_flight.saturating_sub(1);
+                    if let Some(s) = b.slots.get_mut(index) {
+                        s.fast = false;
+                    }
+                    if let Some(word) = st.slow.get_mut(index / 64) {
+                        *word |= 1 << (index % 64);
+                    }
+                    handed = true;
+                }
+            }
+        }
+        if scan_all || st.fast_in_flight == 0 {
+            // Every pending deadline was looked at (or none is left).
+            st.earliest = next_earliest.filter(|_| st.fast_in_flight > 0);
+        }
+        if let Some(b) = book {
+            let idle = b.in_flight == 0;
+            drop(b);
+            if idle {
+                self.idle_cv.notify_all();
+            }
+        }
+        if posted {
+            self.wake_client();
+        }
+        if handed {
+            for w in 0..st.slow.len() {
+                let mut bits = std::mem::take(&mut st.slow[w]);
+                while bits != 0 {
+                    let index = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    self.hand_over(conn, me, jobs, index);
+                }
+            }
+        }
+        posted || handed
+    }
+
+    /// Gives the fast request of slot `index` (no longer marked fast) to a worker, which
+    /// settles it blocking; if the pool is gone, settles it here.
+    fn hand_over(&self, conn: &Arc<Conn>, me: &Arc<ShmConn>, jobs: &JobQueue, index: usize) {
+        let (io, range) = {
+            let mut b = lock(&self.book);
+            let io = b.ios.get_mut(index).and_then(Option::take);
+            (io, b.slots.get(index).copied().unwrap_or_default())
+        };
+        let Some(io) = io else {
+            error!(
+                "connection {}: fast request in slot {index} has no I/O slot",
+                self.conn_id
+            );
+            return;
+        };
+        let job = ShmJob {
+            shm: me.clone(),
+            conn: conn.clone(),
+            // Slot indices fit u16 (max_in_flight <= MAX_RING_ENTRIES).
+            slot: index as u16,
+            req: ShmReq {
+                op: if range.writes_arena {
+                    op::READ
+                } else {
+                    op::WRITE
+                },
+                handle: 0,
+                offset: 0,
+                buf: range.start,
+                len: range.end - range.start,
+                user_data: range.user_data,
+            },
+            started: Some(io),
+        };
+        if let Err(mut job) = jobs.push(job) {
+            run_started(&mut job);
+        }
+    }
+
+    /// Hands every fast request still in flight to the workers (the poller is stopping: it
+    /// will not collect them).
+    fn hand_over_all(&self, conn: &Arc<Conn>, me: &Arc<ShmConn>, jobs: &JobQueue) {
+        let n = lock(&self.book).slots.len();
+        for index in 0..n {
+            let fast = {
+                let mut b = lock(&self.book);
+                match b.slots.get_mut(index) {
+                    Some(s) if s.busy && s.fast => {
+                        s.fast = false;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if fast {
+                self.hand_over(conn, me, jobs, index);
+            }
+        }
+    }
+
     /// Whether a pass would find work now (cheap; for spinning and the pre-sleep re-check).
-    fn has_work(&self, sq_head: u32, admitted: u32, blocked: bool) -> bool {
+    fn has_work(&self, st: &PollerState, blocked: bool) -> bool {
+        if st.fast_in_flight > 0 && self.bell.any_done() {
+            return true;
+        }
         let tail = self.ring.word(off::SQ_TAIL).load(Ordering::Acquire);
-        if tail == sq_head {
+        if tail == st.sq_head {
             return false;
         }
         if !blocked {
             return true;
         }
         let cq_head = self.ring.word(off::CQ_HEAD).load(Ordering::Acquire);
-        admitted.wrapping_sub(cq_head) < self.info.cq_entries
+        st.admitted.wrapping_sub(cq_head) < self.info.cq_entries
             && lock(&self.book).in_flight < self.info.max_in_flight
     }
 }
 
-/// The per-connection poller: consumes submissions, spins briefly when idle, then sleeps on
-/// the doorbell (lost-wake-up-free: see [`crate::shm`]).
+/// The per-connection poller: consumes submissions, starts and collects fast requests, spins
+/// briefly when idle, then sleeps on the doorbell and its bell (lost-wake-up-free: see
+/// [`crate::shm`] and [`PollerBell`]). However it ends, it hands its fast requests in flight
+/// to the workers, so the session's teardown waits for them like for any request.
 fn poll_loop(s: &Arc<ShmConn>, conn: &Arc<Conn>, jobs: &JobQueue) {
-    let mut sq_head = 0u32;
-    let mut admitted = 0u32;
+    let n = s.info.max_in_flight as usize;
+    let mut st = PollerState {
+        sq_head: 0,
+        admitted: 0,
+        fast_in_flight: 0,
+        earliest: None,
+        slow: vec![0; n.div_ceil(64)].into_boxed_slice(),
+    };
+    let run = catch_unwind(AssertUnwindSafe(|| run_poller(s, conn, jobs, &mut st)));
+    if run.is_err() {
+        error!(
+            "connection {}: shared-memory poller panicked; closing the connection",
+            s.conn_id
+        );
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+    }
+    s.hand_over_all(conn, s, jobs);
+}
+
+fn run_poller(s: &Arc<ShmConn>, conn: &Arc<Conn>, jobs: &JobQueue, st: &mut PollerState) {
     // Adaptive spin budget: doubles when spinning found work, halves when it did not.
     let min_spin = Duration::from_micros(1).min(s.spin_max);
     let mut spin = s.spin_max / 4;
@@ -775,7 +1227,8 @@ fn poll_loop(s: &Arc<ShmConn>, conn: &Arc<Conn>, jobs: &JobQueue) {
         if s.stop.load(Ordering::Acquire) {
             return;
         }
-        let blocked = match s.pass(conn, s, jobs, &mut sq_head, &mut admitted) {
+        let reaped = s.reap(conn, s, jobs, st);
+        let blocked = match s.pass(conn, s, jobs, st) {
             Pass::Progress => continue,
             Pass::Idle { blocked } => blocked,
             Pass::Violation(why) => {
@@ -789,12 +1242,15 @@ fn poll_loop(s: &Arc<ShmConn>, conn: &Arc<Conn>, jobs: &JobQueue) {
             }
             Pass::Closed => return,
         };
+        if reaped {
+            continue;
+        }
         // Spin.
         let t0 = Instant::now();
         let mut found = false;
         let mut i = 0u32;
         while t0.elapsed() < spin {
-            if s.has_work(sq_head, admitted, blocked) || s.stop.load(Ordering::Relaxed) {
+            if s.has_work(st, blocked) || s.stop.load(Ordering::Relaxed) {
                 found = true;
                 break;
             }
@@ -816,17 +1272,30 @@ fn poll_loop(s: &Arc<ShmConn>, conn: &Arc<Conn>, jobs: &JobQueue) {
         if blocked {
             s.poller_waits_room.store(true, Ordering::SeqCst);
         }
+        let fast = st.fast_in_flight > 0;
+        if fast {
+            s.bell.armed.store(true, Ordering::SeqCst);
+        }
         fence(Ordering::SeqCst);
-        if s.has_work(sq_head, admitted, blocked) || s.stop.load(Ordering::SeqCst) {
+        let unarm = || {
             sleeping.store(0, Ordering::Relaxed);
             s.poller_waits_room.store(false, Ordering::Relaxed);
+            s.bell.armed.store(false, Ordering::Relaxed);
+        };
+        if s.has_work(st, blocked) || s.stop.load(Ordering::SeqCst) {
+            unarm();
             continue;
         }
+        // With fast requests in flight, wake up for the earliest deadline (then `reap` hands
+        // the overdue ones to the workers, which recover them).
+        let timeout = st.earliest.filter(|_| fast).and_then(|e| {
+            rustix::event::Timespec::try_from(e.saturating_duration_since(Instant::now())).ok()
+        });
         let mut fds = [
             PollFd::new(&s.server_bell, PollFlags::IN),
-            PollFd::new(&s.wake, PollFlags::IN),
+            PollFd::new(&s.bell.fd, PollFlags::IN),
         ];
-        match poll(&mut fds, None) {
+        match poll(&mut fds, timeout.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => {
                 error!("connection {}: poll on doorbells failed: {e}", s.conn_id);
@@ -835,9 +1304,8 @@ fn poll_loop(s: &Arc<ShmConn>, conn: &Arc<Conn>, jobs: &JobQueue) {
             }
         }
         shm::drain(s.server_bell.as_fd());
-        shm::drain(s.wake.as_fd());
-        sleeping.store(0, Ordering::Relaxed);
-        s.poller_waits_room.store(false, Ordering::Relaxed);
+        shm::drain(s.bell.fd.as_fd());
+        unarm();
     }
 }
 
@@ -866,7 +1334,11 @@ pub(crate) fn spawn_workers<D: BlockDevice>(
 }
 
 fn worker<D: BlockDevice>(scheme: &DiskScheme<D>, rx: &JobQueue, me: usize) {
-    while let Some(job) = rx.pop(me) {
+    while let Some(mut job) = rx.pop(me) {
+        if job.started.is_some() {
+            run_started(&mut job);
+            continue;
+        }
         let res = catch_unwind(AssertUnwindSafe(|| execute(scheme, &job))).unwrap_or_else(|_| {
             error!(
                 "connection {}: shared-memory request panicked in the scheme; completing with EIO",
@@ -874,8 +1346,30 @@ fn worker<D: BlockDevice>(scheme: &DiskScheme<D>, rx: &JobQueue, me: usize) {
             );
             -EIO
         });
-        job.shm.complete(job.slot, job.req.user_data, res);
+        job.shm.complete(job.slot, job.req.user_data, res, None);
     }
+}
+
+/// Settles a fast request a poller handed over (blocking) and completes it, giving its
+/// `AsyncSlot` back.
+fn run_started(job: &mut ShmJob) {
+    let len = job.req.len;
+    let res = catch_unwind(AssertUnwindSafe(|| match job.started.as_mut() {
+        Some(io) => match io.finish_blocking() {
+            Ok(()) => count(len, len),
+            Err(e) => -(e.errno.clamp(1, 4095)),
+        },
+        None => -EIO,
+    }))
+    .unwrap_or_else(|_| {
+        error!(
+            "connection {}: finishing a shared-memory request panicked; completing with EIO",
+            job.shm.conn_id
+        );
+        -EIO
+    });
+    let io = job.started.take();
+    job.shm.complete(job.slot, job.req.user_data, res, io);
 }
 
 fn count(n: usize, len: usize) -> i32 {

@@ -1,6 +1,9 @@
 //! Shared-memory transport tests against an in-memory device and memfd arenas: round trips
-//! (zero-copy and copying), many clients with verified data, a client killed mid-I/O, a
-//! client writing garbage into its rings, limits, and servers without arenas.
+//! (zero-copy and copying), many clients with verified data, a client killed mid-I/O (with
+//! requests held in the device, on the workers' path and on the poller's fast path), a client
+//! writing garbage into its rings, limits, and servers without arenas. Most run on a device
+//! with split-phase I/O (`MemDevice::with_async`), so the poller's fast path, its hand-over of
+//! slow requests to the workers and the workers' path all carry traffic.
 
 mod common;
 
@@ -56,7 +59,37 @@ fn one(c: &Client, t: vscsi_ipc::Ticket) -> Completion {
 
 #[test]
 fn round_trip_zero_copy_and_copy_paths() {
-    let (ts, arenas) = shm_server(MemDevice::new(&[(512, 8192)]), |_| {});
+    let ts = round_trip(MemDevice::with_async(&[(512, 8192)]));
+    assert!(ts.device.async_started.load(Ordering::SeqCst) >= 2);
+}
+
+#[test]
+fn round_trip_without_split_phase_io() {
+    let ts = round_trip(MemDevice::new(&[(512, 8192)]));
+    assert_eq!(ts.device.async_started.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn round_trip_with_the_fast_path_off() {
+    let arenas = Arc::new(MemfdArenas::new());
+    let a = arenas.clone();
+    let ts = TestServer::start_with(MemDevice::with_async(&[(512, 64)]), move |c| {
+        c.arena = Some(a);
+        c.shm_async = false;
+    });
+    let c = Client::connect_shm(&ts.path, MIB).unwrap();
+    let h = c.open("/0", OpenFlags::READ).unwrap();
+    let comp = one(
+        &c,
+        c.prep_read(&h, 512, c.alloc_buf(4096).unwrap()).unwrap(),
+    );
+    assert_eq!(comp.result.unwrap(), 4096);
+    assert_eq!(&comp.buf.unwrap()[..], &pattern(0, 512, 4096)[..]);
+    assert_eq!(ts.device.async_started.load(Ordering::SeqCst), 0);
+}
+
+fn round_trip(device: MemDevice) -> TestServer {
+    let (ts, arenas) = shm_server(device, |_| {});
     let c = Client::connect_shm(&ts.path, 0).unwrap();
     assert!(c.has_shm());
     let info = c.shm_info().unwrap();
@@ -115,11 +148,12 @@ fn round_trip_zero_copy_and_copy_paths() {
     wait_until("arena recycled", Duration::from_secs(10), || {
         arenas.live() == 0
     });
+    ts
 }
 
 #[test]
 fn batches_many_requests_per_submit() {
-    let (ts, _arenas) = shm_server(MemDevice::new(&[(512, 8192)]), |_| {});
+    let (ts, _arenas) = shm_server(MemDevice::with_async(&[(512, 8192)]), |_| {});
     let c = Client::connect_shm(&ts.path, MIB).unwrap();
     let h = c.open("/0", OpenFlags::READ).unwrap();
     let depth = 48;
@@ -154,7 +188,7 @@ fn batches_many_requests_per_submit() {
 
 #[test]
 fn request_errors_complete_with_errno() {
-    let (ts, _arenas) = shm_server(MemDevice::new(&[(512, 64)]), |_| {});
+    let (ts, _arenas) = shm_server(MemDevice::with_async(&[(512, 64)]), |_| {});
     let c = Client::connect_shm(&ts.path, MIB).unwrap();
     let other = Client::connect_shm(&ts.path, MIB).unwrap();
     let h = c.open("/0", OpenFlags::READ).unwrap();
@@ -218,7 +252,9 @@ fn server_without_arenas_refuses_shm_and_keeps_the_socket() {
 
 #[test]
 fn many_clients_with_verified_data() {
-    let (ts, arenas) = shm_server(MemDevice::new(&[(512, 65536)]), |_| {});
+    let mut dev = MemDevice::with_async(&[(512, 65536)]);
+    dev.slow = true; // some commands complete late, out of order
+    let (ts, arenas) = shm_server(dev, |_| {});
     let clients = 8;
     let region = 2 * MIB as u64;
     let barrier = Arc::new(Barrier::new(clients));
@@ -318,6 +354,8 @@ fn many_clients_with_verified_data() {
     wait_until("arenas recycled", Duration::from_secs(10), || {
         arenas.live() == 0
     });
+    assert!(ts.device.async_started.load(Ordering::SeqCst) > 0);
+    assert!(ts.device.async_slow.load(Ordering::SeqCst) > 0);
 }
 
 #[test]
@@ -601,7 +639,7 @@ fn good_client(
 
 #[test]
 fn garbage_in_the_rings_gets_errors_or_a_disconnect_and_others_are_fine() {
-    let (ts, arenas) = shm_server(MemDevice::new(&[(512, 65536)]), |_| {});
+    let (ts, arenas) = shm_server(MemDevice::with_async(&[(512, 65536)]), |_| {});
     let stop = Arc::new(AtomicBool::new(false));
     let good = good_client(ts.path.clone(), 16 * MIB as u64, stop.clone());
     let mut rng = Rng(0x1234_5678_9abc_def1);
@@ -827,6 +865,56 @@ fn killed_client_is_cleaned_up() {
     assert!(good.join().unwrap() >= 20);
     // Nothing the child wrote went outside its range.
     assert_eq!(ts.device.disk_bytes(0, 0, MIB), pattern(0, 0, MIB));
+}
+
+/// The same with the child's requests started on the poller's fast path and held in the
+/// device: the dead client's session must not end (and its arena must not be recycled) until
+/// the device has answered every one of them.
+#[test]
+fn killed_client_with_fast_requests_in_the_device_is_cleaned_up() {
+    let (ts, arenas) = shm_server(MemDevice::with_async(&[(512, 65536)]), |_| {});
+    ts.device.async_hold.store(true, Ordering::SeqCst);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "child_client_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &ts.path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    while !line.contains("child: ready") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+            "child died"
+        );
+    }
+    wait_until(
+        "child requests held in the device",
+        Duration::from_secs(10),
+        || ts.device.async_started.load(Ordering::SeqCst) >= 5,
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Its requests are still in the device: the arena must not be recycled yet.
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(arenas.live(), 1, "arena recycled under requests in flight");
+    ts.device.async_hold.store(false, Ordering::SeqCst);
+    wait_until("child arena recycled", Duration::from_secs(10), || {
+        arenas.live() == 0
+    });
+    // Nothing the child wrote went outside its range, and the server takes new sessions.
+    assert_eq!(ts.device.disk_bytes(0, 0, MIB), pattern(0, 0, MIB));
+    let c = Client::connect_shm(&ts.path, MIB).unwrap();
+    let h = c.open("/0", OpenFlags::READ).unwrap();
+    let comp = one(&c, c.prep_read(&h, 0, c.alloc_buf(4096).unwrap()).unwrap());
+    assert_eq!(comp.result.unwrap(), 4096);
+    assert_eq!(&comp.buf.unwrap()[..], &pattern(0, 0, 4096)[..]);
 }
 
 const SERVER_CHILD_ENV: &str = "VSCSI_SHM_TEST_SERVER_CHILD";

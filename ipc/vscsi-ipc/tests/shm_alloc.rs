@@ -4,6 +4,12 @@
 //! for the client's thread and for every other thread (the server's: accept loop, connection
 //! reader and writer, the session's poller, the shm workers); both must be 0 per request.
 //!
+//! The null device has split-phase I/O (`BlockDevice::async_io`), completed by its own
+//! "completion thread" (the device's, exempt like the device's `disks()`), so all the
+//! server's paths run in steady state: requests the poller starts and collects itself,
+//! requests the device declines (every 4th: the workers run them), and started requests that
+//! need the slow path (every 8th: a worker finishes them blocking).
+//!
 //! `BlockDevice::disks()` returns a `Vec` by contract and the scheme calls it on every read
 //! and write (to check the disk still exists and get its geometry): that allocation belongs to
 //! the scheme/driver interface, not to the IPC, so the test device exempts it and the test
@@ -13,15 +19,22 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::{Duration, Instant};
 
-use block_scheme::{BlockDevice, DiskInfo, DiskScheme};
+use block_scheme::{AsyncBlockIo, AsyncBuf, AsyncPoll, BlockDevice, DiskInfo, DiskScheme, IoWaker};
 use vscsi_ipc::{Client, MemfdArenas, OpenFlags, Server, ServerConfig};
 
 static SERVER_ALLOCS: AtomicU64 = AtomicU64::new(0);
 static CLIENT_ALLOCS: AtomicU64 = AtomicU64::new(0);
 static DISKS_CALLS: AtomicU64 = AtomicU64::new(0);
+/// Requests the device ran through its split-phase path: collected by polling, finished
+/// blocking, declined.
+static FAST_DONE: AtomicU64 = AtomicU64::new(0);
+static SLOW_DONE: AtomicU64 = AtomicU64::new(0);
+static DECLINED: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// Allocations on this thread are not counted (the device's `disks()`).
@@ -92,10 +105,106 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// A 1 GiB disk that stores nothing (like QEMU's null-co).
-struct NullDevice;
+/// A 1 GiB disk that stores nothing (like QEMU's null-co), with split-phase I/O answered by
+/// its completion thread.
+struct NullDevice {
+    complete: Mutex<SyncSender<Arc<Pending>>>,
+}
+
+/// One command of a `NullIo`, shared with the completion thread.
+struct Pending {
+    done: AtomicBool,
+    waker: Arc<dyn IoWaker>,
+}
+
+/// The device's completion thread: answers each command and tells its waker.
+fn completion_thread(rx: Receiver<Arc<Pending>>) {
+    EXEMPT.with(|e| e.set(true));
+    for p in rx {
+        p.done.store(true, Ordering::Release);
+        p.waker.wake();
+    }
+}
+
+struct NullIo {
+    pending: Arc<Pending>,
+    complete: SyncSender<Arc<Pending>>,
+    busy: bool,
+    /// Commands seen (every 4th declined, every 8th started one takes the slow path).
+    n: u64,
+    slow: bool,
+}
+
+impl AsyncBlockIo for NullIo {
+    unsafe fn submit(
+        &mut self,
+        _: usize,
+        lba: u64,
+        buf: AsyncBuf,
+        write: bool,
+    ) -> block_scheme::Result<bool> {
+        self.n += 1;
+        if self.n.is_multiple_of(4) {
+            DECLINED.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        if !write {
+            // SAFETY: the buffer is lent to this command (non-empty: whole blocks).
+            unsafe { *buf.ptr.as_ptr() = lba as u8 };
+        }
+        self.pending.done.store(false, Ordering::Relaxed);
+        self.busy = true;
+        self.slow = self.n % 8 == 1;
+        if self.complete.send(self.pending.clone()).is_err() {
+            panic!("the null device's completion thread is gone");
+        }
+        Ok(true)
+    }
+
+    fn poll(&mut self) -> AsyncPoll {
+        if !self.busy {
+            return AsyncPoll::Done;
+        }
+        if !self.pending.done.load(Ordering::Acquire) {
+            return AsyncPoll::Pending;
+        }
+        if self.slow {
+            return AsyncPoll::Slow;
+        }
+        self.busy = false;
+        FAST_DONE.fetch_add(1, Ordering::Relaxed);
+        AsyncPoll::Done
+    }
+
+    fn finish_blocking(&mut self) -> block_scheme::Result<()> {
+        while !self.pending.done.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        self.busy = false;
+        SLOW_DONE.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.busy.then(|| Instant::now() + Duration::from_secs(30))
+    }
+}
 
 impl BlockDevice for NullDevice {
+    fn async_io(&self, waker: Arc<dyn IoWaker>) -> Option<Box<dyn AsyncBlockIo>> {
+        let complete = self.complete.lock().unwrap().clone();
+        Some(Box::new(NullIo {
+            pending: Arc::new(Pending {
+                done: AtomicBool::new(false),
+                waker,
+            }),
+            complete,
+            busy: false,
+            n: 0,
+            slow: false,
+        }))
+    }
+
     fn disks(&self) -> Vec<DiskInfo> {
         DISKS_CALLS.fetch_add(1, Ordering::Relaxed);
         EXEMPT.with(|e| e.set(true));
@@ -165,7 +274,12 @@ fn run(
 fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("alloc.sock");
-    let scheme = Arc::new(DiskScheme::new("disk.virtio-scsi", Arc::new(NullDevice)));
+    let (tx, rx) = sync_channel(256);
+    std::thread::spawn(move || completion_thread(rx));
+    let device = NullDevice {
+        complete: Mutex::new(tx),
+    };
+    let scheme = Arc::new(DiskScheme::new("disk.virtio-scsi", Arc::new(device)));
     let mut config = ServerConfig::new(&path);
     config.workers = 8;
     config.arena = Some(Arc::new(MemfdArenas::new()));
@@ -196,6 +310,7 @@ fn main() {
         CLIENT_ALLOCS.load(Ordering::SeqCst),
         DISKS_CALLS.load(Ordering::SeqCst),
     );
+    let paths0 = [&FAST_DONE, &SLOW_DONE, &DECLINED].map(|c| c.load(Ordering::SeqCst));
     MEASURING.store(true, Ordering::SeqCst);
     run(&c, &h, &mut bufs, &mut out, n, depth);
     MEASURING.store(false, Ordering::SeqCst);
@@ -214,6 +329,12 @@ fn main() {
         println!("  sizes of the server-side allocations: {sizes:?}");
     }
     println!("  client-side allocations: {}", c1 - c0);
+    let paths = [&FAST_DONE, &SLOW_DONE, &DECLINED].map(|c| c.load(Ordering::SeqCst));
+    let [fast, slow, declined] = [0, 1, 2].map(|i| paths[i] - paths0[i]);
+    println!(
+        "  requests collected by the poller: {fast}, finished by a worker after starting: \
+         {slow}, declined by the device (run by a worker): {declined}"
+    );
     println!(
         "  (exempt) BlockDevice::disks() Vec allocations made by the scheme: {} ({:.2} per request)",
         d1 - d0,
@@ -226,5 +347,9 @@ fn main() {
     t.join().expect("server thread").expect("server");
     assert_eq!(s1 - s0, 0, "the server allocated in steady state");
     assert_eq!(c1 - c0, 0, "the client allocated in steady state");
+    assert!(
+        fast > 0 && slow > 0 && declined > 0,
+        "every server path ran in steady state"
+    );
     println!("shm_alloc: ok");
 }

@@ -77,6 +77,15 @@ impl Geometry {
         })
     }
 
+    /// The device block where `len` bytes at byte `offset` of the region start, if they are
+    /// whole blocks (offset and length block-aligned, `len > 0`) wholly inside the region.
+    pub(crate) fn whole_blocks(&self, offset: u64, len: usize) -> Option<u64> {
+        let len = len as u64;
+        let inside = offset.checked_add(len).is_some_and(|end| end <= self.size);
+        let aligned = offset.is_multiple_of(self.block_size) && len.is_multiple_of(self.block_size);
+        (len > 0 && inside && aligned).then(|| self.abs(offset / self.block_size))
+    }
+
     /// The device block of region-relative block `lba` (cannot overflow for `lba` below the
     /// region's end, by the invariant on `base`).
     fn abs(&self, lba: u64) -> u64 {

@@ -83,6 +83,7 @@
 //!   partitions, refuse opens with write access (`EROFS`).
 
 mod access;
+mod async_io;
 mod handle;
 mod io;
 pub mod partitions;
@@ -102,6 +103,7 @@ use syscall::flag::{
 };
 
 use access::{Holder, OpenCounts};
+pub use async_io::{AsyncBlockIo, AsyncBuf, AsyncPoll, AsyncSlot, IoWaker};
 use handle::{Handle, HandleTable, Target};
 use io::Geometry;
 use range_lock::RangeLock;
@@ -197,6 +199,14 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn stats(&self) -> String {
         String::new()
     }
+    /// A slot for split-phase whole-block I/O ([`AsyncBlockIo`]), if the device can submit
+    /// without blocking; `waker` is told when a command submitted through it is answered.
+    /// Servers ask once per request slot when they set up (not per request). The default:
+    /// `None`, every request goes through [`BlockDevice::read_blocks`] and
+    /// [`BlockDevice::write_blocks`].
+    fn async_io(&self, _waker: Arc<dyn IoWaker>) -> Option<Box<dyn AsyncBlockIo>> {
+        None
+    }
     /// A number that changes whenever the medium of `disk` may have changed in a way its size
     /// does not show (a new medium, a hot-swapped LUN, a capacity-changed unit attention).
     /// The scheme re-reads a disk's partition table when this, its block size or its block
@@ -236,8 +246,9 @@ pub struct DiskScheme<D: BlockDevice> {
     access: AccessPolicy,
     /// Whole-disk vs partition exclusion (`ENOLCK`).
     opens: OpenCounts,
-    /// Partition tables, re-read when a disk changes.
-    tables: TableCache,
+    /// Partition tables, re-read when a disk changes (shared with asynchronous writes, which
+    /// note themselves when they settle).
+    tables: Arc<TableCache>,
     /// One write range lock per disk index, created on first write. Entries are never removed
     /// (at most one per disk index ever seen), so a lock outlives every write that uses it.
     /// This map's mutex is held only to look up or insert an entry, never while waiting for a
@@ -269,7 +280,7 @@ impl<D: BlockDevice> DiskScheme<D> {
             handles: HandleTable::new(),
             access,
             opens: OpenCounts::default(),
-            tables: TableCache::default(),
+            tables: Arc::new(TableCache::default()),
             range_locks: Mutex::new(HashMap::new()),
         }
     }
@@ -426,6 +437,89 @@ impl<D: BlockDevice> DiskScheme<D> {
             self.tables.note_write(disk);
         }
         result
+    }
+
+    /// A request slot for [`DiskScheme::submit_async`], if the device has split-phase I/O
+    /// ([`BlockDevice::async_io`]); `waker` is told when a request started on it is answered.
+    /// For set-up time (one per request slot of a server), not per request.
+    pub fn async_slot(&self, waker: Arc<dyn IoWaker>) -> Option<AsyncSlot> {
+        self.device
+            .async_io(waker)
+            .map(|io| AsyncSlot::new(io, self.tables.clone()))
+    }
+
+    /// Starts a read (`write == false`, into `buf`) or write (from `buf`) of `buf.len` bytes at
+    /// byte `offset` of handle `id` on `slot`, without waiting for it (see "Asynchronous
+    /// requests" in the crate docs). `Ok(true)`: started, collect it with [`AsyncSlot::poll`]
+    /// (and [`AsyncSlot::finish_blocking`]); a settled request transferred all `buf.len`
+    /// bytes. `Ok(false)`: not started, because it needs more than whole-block I/O (unaligned,
+    /// crossing or past the end of the region, longer than [`MAX_IO_CHUNK`]), its range is
+    /// being written, `slot` is busy, or the device cannot start it now: call
+    /// [`DiskScheme::read`]/[`DiskScheme::write`] instead. `Err`: what those would fail with
+    /// before any I/O (`EBADF` for an unknown handle or one without the access, `ENODEV`,
+    /// `EROFS`), or the device's refusal.
+    ///
+    /// # Safety
+    /// `buf` must be valid for the access, and must not be accessed by the caller until the
+    /// request settles ([`AsyncSlot::poll`] returned [`AsyncPoll::Done`], or
+    /// [`AsyncSlot::finish_blocking`] returned). If the slot is dropped before, the device may
+    /// still write the buffer: the memory must then stay mapped and unused as long as it may.
+    pub unsafe fn submit_async(
+        &self,
+        slot: &mut AsyncSlot,
+        id: usize,
+        write: bool,
+        offset: u64,
+        buf: AsyncBuf,
+    ) -> Result<bool> {
+        if slot.is_busy() {
+            return Ok(false);
+        }
+        let handle = self.handles.get(id)?;
+        let allowed = if write {
+            handle.can_write
+        } else {
+            handle.can_read
+        };
+        if !allowed {
+            return Err(Error::new(EBADF));
+        }
+        if let Target::Root { .. } = handle.target {
+            return Ok(false);
+        }
+        if buf.len == 0 || buf.len > MAX_IO_CHUNK {
+            return Ok(false);
+        }
+        let (disk, geo) = self.region(&handle.target)?;
+        if write && geo.readonly {
+            return Err(Error::new(EROFS));
+        }
+        let Some(lba) = geo.whole_blocks(offset, buf.len) else {
+            return Ok(false);
+        };
+        let held = if write {
+            let start = geo.base * geo.block_size + offset;
+            match self
+                .range_lock(disk)
+                .try_lock_owned(start, start + buf.len as u64)
+            {
+                Some(held) => Some(held),
+                None => return Ok(false),
+            }
+        } else {
+            None
+        };
+        // SAFETY: the buffer contract is this function's; the range is whole blocks inside
+        // the disk (`whole_blocks`, within the region, which lies inside the disk).
+        if !unsafe { slot.device_io().submit(disk, lba, buf, write)? } {
+            return Ok(false);
+        }
+        let note_disk = match handle.target {
+            Target::Disk { disk } if write => Some(disk),
+            _ => None,
+        };
+        slot.start(held, note_disk);
+        Ok(true)
     }
 
     /// Makes every write that completed before this call durable ([`BlockDevice::flush`]),

@@ -1,8 +1,10 @@
 //! Per-disk byte-range write lock: every write holds the (block-aligned) byte range it touches
 //! for as long as it writes, so a read-modify-write of a shared edge block can never lose a
-//! neighbour's bytes, while writes to disjoint blocks run concurrently.
+//! neighbour's bytes, while writes to disjoint blocks run concurrently. An asynchronous write
+//! (one that outlives the call that started it) holds its range with an [`OwnedRangeGuard`],
+//! taken only if no wait is needed.
 
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 /// A set of held, pairwise disjoint byte ranges of one disk.
 ///
@@ -31,6 +33,14 @@ pub(crate) struct RangeLock {
 #[derive(Debug)]
 pub(crate) struct RangeGuard<'a> {
     lock: &'a RangeLock,
+    range: (u64, u64),
+}
+
+/// A held byte range that owns (an `Arc` of) its lock, for a write that outlives the call
+/// that started it; releases the range when dropped, like [`RangeGuard`].
+#[derive(Debug)]
+pub(crate) struct OwnedRangeGuard {
+    lock: Arc<RangeLock>,
     range: (u64, u64),
 }
 
@@ -66,6 +76,46 @@ impl RangeLock {
         }
     }
 
+    /// Holds `[start, end)` (non-empty) if it overlaps no held range now; `None` (nothing
+    /// held) if taking it would have to wait. Never blocks beyond the list's mutex.
+    pub(crate) fn try_lock_owned(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+    ) -> Option<OwnedRangeGuard> {
+        if start >= end {
+            return None;
+        }
+        let mut held = self.list();
+        if held.iter().any(|&(s, e)| s < end && start < e) {
+            return None;
+        }
+        // At most one entry per write in flight: the list grows to its peak once, then
+        // pushing reuses its capacity.
+        held.push((start, end));
+        Some(OwnedRangeGuard {
+            lock: self.clone(),
+            range: (start, end),
+        })
+    }
+
+    /// Releases a range taken by `lock` or `try_lock_owned` (exactly once, by its guard).
+    fn release(&self, range: (u64, u64)) {
+        let (start, end) = range;
+        if start >= end {
+            return;
+        }
+        let mut held = self.list();
+        // Entries are disjoint and non-empty, so exactly one equals ours.
+        if let Some(i) = held.iter().position(|&r| r == range) {
+            held.swap_remove(i);
+        } else {
+            log::error!("range lock: released range {start}..{end} was not held");
+        }
+        drop(held);
+        self.released.notify_all();
+    }
+
     /// Number of ranges held right now (for tests).
     #[cfg(test)]
     pub(crate) fn held_count(&self) -> usize {
@@ -75,19 +125,13 @@ impl RangeLock {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let (start, end) = self.range;
-        if start >= end {
-            return;
-        }
-        let mut held = self.lock.list();
-        // Entries are disjoint and non-empty, so exactly one equals ours.
-        if let Some(i) = held.iter().position(|&r| r == self.range) {
-            held.swap_remove(i);
-        } else {
-            log::error!("range lock: released range {start}..{end} was not held");
-        }
-        drop(held);
-        self.lock.released.notify_all();
+        self.lock.release(self.range);
+    }
+}
+
+impl Drop for OwnedRangeGuard {
+    fn drop(&mut self) {
+        self.lock.release(self.range);
     }
 }
 
@@ -135,6 +179,36 @@ mod tests {
             "overlapping lock was granted"
         );
         drop(g);
+        t.join().unwrap();
+        assert!(entered.load(Ordering::SeqCst));
+        assert_eq!(l.held_count(), 0);
+    }
+
+    #[test]
+    fn owned_try_lock_never_waits_and_excludes_blocking_writers() {
+        let l = Arc::new(RangeLock::new());
+        let g = l.lock(0, 1024);
+        assert!(l.try_lock_owned(512, 2048).is_none(), "overlap must refuse");
+        assert!(
+            l.try_lock_owned(5, 5).is_none(),
+            "empty range is not a hold"
+        );
+        assert_eq!(l.held_count(), 1);
+        let o = l.try_lock_owned(1024, 2048).expect("disjoint range");
+        assert_eq!(l.held_count(), 2);
+        drop(g);
+        // A blocking writer waits for the owned guard.
+        let entered = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (l, entered) = (l.clone(), entered.clone());
+            std::thread::spawn(move || {
+                let _g = l.lock(2047, 4096);
+                entered.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!entered.load(Ordering::SeqCst));
+        drop(o);
         t.join().unwrap();
         assert!(entered.load(Ordering::SeqCst));
         assert_eq!(l.held_count(), 0);

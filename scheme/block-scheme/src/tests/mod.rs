@@ -1,5 +1,6 @@
 //! Unit tests of the scheme against the in-memory fixture device, plus shared helpers.
 
+mod async_io;
 mod concurrency;
 mod discard;
 mod fixture;
