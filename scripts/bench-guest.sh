@@ -18,7 +18,7 @@
 # and writes the figures as JSON.
 #
 # Usage: scripts/bench-guest.sh [--runtime S] [--qd "1 32"] [--ipc socket|shm|shm-copy]
-#            [--drive 'QEMU-DRIVE-OPTIONS'] [--json FILE]
+#            [--daemon-args 'FLAGS'] [--drive 'QEMU-DRIVE-OPTIONS'] [--json FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +29,7 @@ Usage: scripts/bench-guest.sh [OPTIONS]
                   after the first build of the static binaries)
   --qd "LIST"     queue depths, space-separated (default "1 32")
   --ipc MODE      transport of vscsi bench: socket, shm or shm-copy (default socket)
+  --daemon-args F more virtio-scsid flags in the guest (e.g. '--poll-us 200'; default none)
   --drive OPTS    QEMU -drive options of disk 0 (default driver=null-co,size=1G,read-zeroes=on;
                   e.g. file=/path/img.raw,format=raw)
   --json FILE     where to write the results (default target/bench-guest.json)
@@ -38,6 +39,7 @@ EOF
 runtime=10
 qds="1 32"
 ipc=socket
+daemon_args=
 drive="driver=null-co,size=1G,read-zeroes=on"
 json=target/bench-guest.json
 while [ $# -gt 0 ]; do
@@ -45,6 +47,7 @@ while [ $# -gt 0 ]; do
     --runtime) runtime=$2; shift 2 ;;
     --qd) qds=$2; shift 2 ;;
     --ipc) ipc=$2; shift 2 ;;
+    --daemon-args) daemon_args=$2; shift 2 ;;
     --drive) drive=$2; shift 2 ;;
     --json) json=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
@@ -55,7 +58,8 @@ case "$json" in /*) ;; *) json="$PWD/$json" ;; esac
 
 scripts/install-deps.sh
 export VSCSI_GUEST_BENCH_RUNTIME="$runtime" VSCSI_GUEST_BENCH_QDS="$qds" \
-    VSCSI_GUEST_BENCH_IPC="$ipc" VSCSI_GUEST_BENCH_DRIVE="$drive" VSCSI_GUEST_BENCH_JSON="$json"
+    VSCSI_GUEST_BENCH_IPC="$ipc" VSCSI_GUEST_BENCH_DAEMON_ARGS="$daemon_args" \
+    VSCSI_GUEST_BENCH_DRIVE="$drive" VSCSI_GUEST_BENCH_JSON="$json"
 set -x
 cargo test --locked -p vscsi-tests --test linux_guest bench_guest -- \
     --ignored --exact --nocapture

@@ -5,7 +5,10 @@
 # O_DIRECT, $FIO_ENGINE; latency percentiles of submission to completion, as vscsi bench's).
 # Each result is one JSON line (`ours_qdN`, `kernel_qdN`), each
 # command is marked too (`cmd_ours_qdN`, `cmd_kernel_qdN`).
-start_daemon
+# $DAEMON_ARGS: more flags for virtio-scsid (e.g. --poll-us 200), split on spaces.
+# shellcheck disable=SC2086
+start_daemon $DAEMON_ARGS
+mark cmd_daemon "virtio-scsid --pci $PCI --socket $SOCK --queues 2 --allow-any-user $DAEMON_ARGS"
 for qd in $QDS; do
     cmd="vscsi --socket $SOCK bench disk.virtio-scsi:/0 --rw randread --bs 4k --iodepth $qd --runtime $RUNTIME --ipc $IPC --json"
     mark "cmd_ours_qd$qd" "$cmd"

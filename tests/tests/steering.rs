@@ -38,6 +38,10 @@ fn stats_map(text: &str) -> HashMap<String, u64> {
 }
 
 fn run(policy: &str) {
+    run_with(policy, &[]);
+}
+
+fn run_with(policy: &str, extra: &[&str]) {
     let dir = tempfile::tempdir().expect("temp dir");
     let disks: Vec<TestDisk> = (0..TARGETS)
         .map(|i| {
@@ -51,6 +55,9 @@ fn run(policy: &str) {
         .arg("--steering")
         .arg(policy)
         .arg("--check-steering");
+    for a in extra {
+        b = b.arg(a);
+    }
     for d in &disks {
         b = b.disk(d);
     }
@@ -167,4 +174,11 @@ fn per_target_steering_keeps_each_target_on_one_queue_under_load() {
 #[test]
 fn single_queue_baseline_under_load() {
     run("single");
+}
+
+/// The same load with busy polling (`--poll-us`): completions found by the polling completion
+/// thread with the request queues' interrupts suppressed, every byte still checked.
+#[test]
+fn per_target_steering_with_busy_polling() {
+    run_with("per-target", &["--poll-us", "200"]);
 }

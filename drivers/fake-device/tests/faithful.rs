@@ -136,14 +136,26 @@ fn several_units_block_sizes_and_readonly() {
 
 #[test]
 fn concurrent_writers_and_readers_on_two_queues() {
+    concurrent_round_trips(Duration::ZERO);
+}
+
+/// The same with busy polling (`HostConfig::poll`): completions found by the polling
+/// completion thread, interrupts suppressed while it polls and back on when it stops.
+#[test]
+fn concurrent_round_trips_with_busy_polling() {
+    concurrent_round_trips(Duration::from_micros(300));
+}
+
+fn concurrent_round_trips(poll: Duration) {
     record_panics();
-    with_watchdog("faithful-concurrent", LIMIT, || {
+    with_watchdog("faithful-concurrent", LIMIT, move || {
         let spec = FakeSpec {
             disks: vec![DiskSpec::new(0, 512, 8192), DiskSpec::new(1, 512, 8192)],
             ..FakeSpec::default()
         };
         let mut cfg = host_config(Duration::from_secs(10));
         cfg.queues = Some(2);
+        cfg.poll = poll;
         let (fake, host) = start(spec, cfg);
         let host = host.expect("starts");
         assert_eq!(host.queues().len(), 2);

@@ -3,7 +3,10 @@
 //! the shared-memory IPC poller).
 //!
 //! Only the simplest request qualifies: one SCSI command (whole blocks, at most the disk's
-//! maximum transfer) whose buffer the device reaches in place (`hal::is_device_visible`).
+//! maximum transfer) whose buffer the device reaches in place (`hal::is_device_visible`), or,
+//! for any other buffer, one that fits the command slot's own data buffer: then the data is
+//! copied ("bounced") through the slot, by the submitter for a write and by the owner's `poll`
+//! (or `finish_blocking`) for a read, as the blocking path copies.
 //! Everything else, and every result other than a clean full transfer, goes through the
 //! blocking machinery: [`AsyncIo::finish_blocking`] runs what `ScsiHost::block_io` does after
 //! a submission (the recovery ladder on a timeout, the bounded retry of retryable errors).
@@ -66,9 +69,12 @@ pub struct AsyncIo {
     lun: [u8; 8],
     write: bool,
     lba: u64,
-    /// The caller's buffer (device-visible; see `ScsiHost::submit_async`'s contract).
+    /// The caller's buffer (see `ScsiHost::submit_async`'s contract).
     buf: NonNull<u8>,
     len: usize,
+    /// The device moves the data through the slot's own buffer, not `buf` (which it cannot
+    /// reach): a read's data is copied to `buf` once the command completed.
+    bounce: bool,
     block_size: usize,
     /// When the command is overdue (submission + command timeout).
     deadline: Instant,
@@ -125,15 +131,18 @@ impl ScsiHost {
             return None;
         }
         let blocks = (len / bs) as u64;
-        if lba.checked_add(blocks).is_none_or(|end| end > disk.blocks)
-            || !hal::is_device_visible(buf.as_ptr(), len)
-        {
+        if lba.checked_add(blocks).is_none_or(|end| end > disk.blocks) {
             return None;
         }
+        let bounce = !hal::is_device_visible(buf.as_ptr(), len);
         let cdb = rw_cdb(write, lba, blocks).ok()?;
         let route = self.pick_route(disk);
         let queue_index = route.queue();
         let queue = self.queue_at(queue_index);
+        if bounce && len > queue.data_cap() {
+            self.end_route(route);
+            return None;
+        }
         let mut slot = match queue.try_acquire() {
             Ok(Some(slot)) => slot,
             // No free slot now, or the queue is out of service: the blocking path waits (or
@@ -143,15 +152,24 @@ impl ScsiHost {
                 return None;
             }
         };
-        self.fill(&mut slot, &disk.lun_field, cdb.as_slice(), None);
-        slot.set_waker(Some(waker.clone()));
         let dir = if write { DataDir::Out } else { DataDir::In };
-        // SAFETY: `buf..buf + len` is valid and lent to the device until the token settles
-        // (this function's contract); for a write the device only reads it (DataDir::Out); it
-        // lies in a registered DMA window (checked above).
-        let submitted = unsafe {
-            let data = std::slice::from_raw_parts_mut(buf.as_ptr(), len);
-            slot.submit_external(dir, data)
+        let submitted = if bounce {
+            // SAFETY: `buf..buf + len` is valid and not accessed by anyone else until the
+            // token settles (this function's contract); it is only read here.
+            let out = write.then(|| unsafe { std::slice::from_raw_parts(buf.as_ptr(), len) });
+            self.fill(&mut slot, &disk.lun_field, cdb.as_slice(), out);
+            slot.set_waker(Some(waker.clone()));
+            slot.submit(dir, len)
+        } else {
+            self.fill(&mut slot, &disk.lun_field, cdb.as_slice(), None);
+            slot.set_waker(Some(waker.clone()));
+            // SAFETY: `buf..buf + len` is valid and lent to the device until the token settles
+            // (this function's contract); for a write the device only reads it
+            // (DataDir::Out); it lies in a registered DMA window (checked above).
+            unsafe {
+                let data = std::slice::from_raw_parts_mut(buf.as_ptr(), len);
+                slot.submit_external(dir, data)
+            }
         };
         if let Err(e) = submitted {
             log::debug!("asynchronous submission on queue {queue_index} refused: {e}");
@@ -172,6 +190,7 @@ impl ScsiHost {
             lba,
             buf,
             len,
+            bounce,
             block_size: bs,
             deadline: Instant::now() + self.host_config().command_timeout,
             outcome: None,
@@ -186,8 +205,9 @@ impl ScsiHost {
 }
 
 impl AsyncIo {
-    /// Checks, without blocking, whether the command was answered (module docs, step 3).
-    /// Cheap when it was not: one uncontended slot lock.
+    /// Checks, without blocking, whether the command was answered (module docs, step 3),
+    /// draining the queue's used ring itself if not yet. Cheap when nothing came: a slot lock
+    /// and a queue lock with a look at the used index.
     pub fn poll(&mut self) -> AsyncPoll {
         if self.outcome.is_some() {
             return AsyncPoll::Slow;
@@ -197,7 +217,15 @@ impl AsyncIo {
         };
         let queue = self.host.queue_at(self.queue);
         let mut slot = queue.reattach(id);
-        let outcome = match slot.try_result() {
+        let mut answer = slot.try_result();
+        if answer.is_none() && queue.drain() > 0 {
+            // Not answered yet, but the used ring had entries: an owner that polls anyway
+            // (the shared-memory poller spins while busy) collects its completion without
+            // waiting for the interrupt and the completion thread. `drain` answers every
+            // popped slot as the completion thread would (wakers included).
+            answer = slot.try_result();
+        }
+        let outcome = match answer {
             None => {
                 self.slot = Some(slot.detach());
                 return AsyncPoll::Pending;
@@ -206,6 +234,7 @@ impl AsyncIo {
             Some(Err(e)) => Err(e.into()),
         };
         if matches!(outcome, Ok(Transferred(n)) if n == self.len) {
+            self.bounce_in(&slot, self.len);
             // Settled: the slot goes back to the free list, then the route ends.
             drop(slot);
             self.end_route();
@@ -235,6 +264,9 @@ impl AsyncIo {
                     .and_then(|(used, recovered)| host.decode(&slot, used, recovered, self.len))
             }
         };
+        if let Ok(Transferred(n)) = first {
+            self.bounce_in(&slot, n.min(self.len));
+        }
         let (buf, len, write) = (self.buf, self.len, self.write);
         let data = move || {
             // SAFETY: the buffer is lent to this command until it settles (the contract of
@@ -272,6 +304,20 @@ impl AsyncIo {
     /// Whether the token is settled (its slot and route given back).
     pub fn is_settled(&self) -> bool {
         self.slot.is_none()
+    }
+
+    /// For a bounced read that completed: copies the first `n` bytes the device wrote into
+    /// the slot's buffer to the caller's.
+    fn bounce_in(&self, slot: &crate::queue::SlotGuard<'_>, n: usize) {
+        if !self.bounce || self.write {
+            return;
+        }
+        let (_, data) = slot.response();
+        let n = n.min(data.len()).min(self.len);
+        // SAFETY: the caller's buffer is valid for `len` bytes and accessed by nobody else
+        // until the token settles (`submit_async`'s contract); the device never saw it.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.buf.as_ptr(), n) };
+        dst.copy_from_slice(&data[..n]);
     }
 
     fn end_route(&mut self) {

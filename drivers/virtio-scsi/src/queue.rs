@@ -21,6 +21,7 @@
 //!   its buffers, and a reused buffer must never receive a stale command's data.
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -250,6 +251,10 @@ pub struct RequestQueue {
     req_len: usize,
     resp_len: usize,
     data_cap: usize,
+    /// Chains the device holds now (set under `inner`'s lock: +1 when a chain is added, -1
+    /// when it is popped, 0 when a reset takes them all back). Read without the lock by the
+    /// completion thread to decide whether busy polling can find anything.
+    in_flight: AtomicUsize,
     /// Counters.
     pub stats: QueueStats,
 }
@@ -337,6 +342,7 @@ impl RequestQueue {
             req_len,
             resp_len,
             data_cap,
+            in_flight: AtomicUsize::new(0),
             stats: QueueStats::default(),
         })
     }
@@ -527,6 +533,7 @@ impl RequestQueue {
             };
             inner.chains[usize::from(token)] = None;
             inner.used_ids.advance();
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
             popped += 1;
             // The spec's used length counts bytes written into device-writable buffers, but
             // QEMU (hw/scsi/virtio-scsi.c) reports response + data size in both directions, so
@@ -609,6 +616,7 @@ impl RequestQueue {
                 n += 1;
             }
         }
+        self.in_flight.store(0, Ordering::Relaxed);
         for &slot in &slots[..n] {
             let dropped = QueueError::Reset {
                 queue: self.index,
@@ -624,6 +632,19 @@ impl RequestQueue {
         inner.awaiting_reset = false;
         self.slot_freed.notify_all();
         Ok(())
+    }
+
+    /// Chains the device holds now (a hint: it may change right after the call).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Turns the device's used-buffer notifications (interrupts) for this queue on or off
+    /// (virtio 1.2 §2.7.10: VIRTQ_AVAIL_F_NO_INTERRUPT, a hint the device may ignore). Off
+    /// while the completion thread busy-polls; whoever turns them back on must drain once more
+    /// afterwards, since a completion in between raised none.
+    pub fn set_interrupts(&self, on: bool) {
+        self.lock().vq.set_dev_notify(on);
     }
 
     /// Whether the queue was taken out of service.
@@ -717,6 +738,7 @@ impl SlotGuard<'_> {
                 Some(entry) => *entry = Some(chain),
                 None => return Err(q.broken_error("virtqueue returned a bad token")),
             }
+            q.in_flight.fetch_add(1, Ordering::Relaxed);
             q.slot_state(self.slot).state = SlotState::InFlight;
             self.submitted = true;
             inner.vq.should_notify()

@@ -106,6 +106,11 @@ struct Args {
     /// Milliseconds each recovery step waits for the command.
     #[arg(long, default_value_t = 5_000)]
     tmf_timeout_ms: u64,
+    /// Busy-poll completions while I/O is in flight, falling back to interrupts after this
+    /// many microseconds without one (0: interrupts only). Costs a CPU while busy; saves the
+    /// interrupt path (worth it with `--pci`, where each interrupt goes through UIO).
+    #[arg(long, default_value_t = 0)]
+    poll_us: u64,
     /// A TOML file of settings: each key is one of these long flags (`queues = 4`,
     /// `disk = ["a.img", "b.img,readonly"]`, `check-steering = true`); flags given here
     /// override it (a repeatable flag given here replaces the file's list).
@@ -320,6 +325,7 @@ fn run(args: Args) -> Result<(), String> {
             check_steering: args.check_steering,
             command_timeout: Duration::from_millis(args.command_timeout_ms.max(1)),
             tmf_timeout: Duration::from_millis(args.tmf_timeout_ms.max(1)),
+            poll: Duration::from_micros(args.poll_us),
             ..HostConfig::default()
         },
     )
