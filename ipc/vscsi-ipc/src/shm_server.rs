@@ -397,6 +397,10 @@ pub(crate) struct ShmConn {
     arena: NonNull<u8>,
     arena_len: usize,
     recycle: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Set when finishing a started request panicked: its command may have been left with
+    /// the device (an orphaned slot whose buffer is in the arena), so the arena is never
+    /// recycled (leaked instead: `give_back`).
+    arena_tainted: AtomicBool,
     info: ShmInfo,
     /// The client rings it; the poller sleeps on it.
     server_bell: OwnedFd,
@@ -600,6 +604,7 @@ pub(crate) fn setup(
         arena: ptr,
         arena_len,
         recycle: Mutex::new(Some(recycle)),
+        arena_tainted: AtomicBool::new(false),
         info,
         server_bell,
         client_bell,
@@ -708,6 +713,17 @@ impl ShmConn {
     fn give_back(&self) {
         let r = lock(&self.recycle).take();
         if let Some(r) = r {
+            if self.arena_tainted.load(Ordering::SeqCst) {
+                error!(
+                    "connection {}: a request panicked while the device may still hold it; \
+                     its arena is leaked, not recycled",
+                    self.conn_id
+                );
+                // Not called and not dropped: the memory stays mapped and is never handed
+                // out again, so a late device write cannot reach another client.
+                std::mem::forget(r);
+                return;
+            }
             r();
         }
     }
@@ -1344,6 +1360,8 @@ fn worker<D: BlockDevice>(scheme: &DiskScheme<D>, rx: &JobQueue, me: usize) {
                 "connection {}: shared-memory request panicked in the scheme; completing with EIO",
                 job.shm.conn_id
             );
+            // Its command may still be with the device, on a buffer in the arena.
+            job.shm.arena_tainted.store(true, Ordering::SeqCst);
             -EIO
         });
         job.shm.complete(job.slot, job.req.user_data, res, None);
@@ -1366,6 +1384,7 @@ fn run_started(job: &mut ShmJob) {
             "connection {}: finishing a shared-memory request panicked; completing with EIO",
             job.shm.conn_id
         );
+        job.shm.arena_tainted.store(true, Ordering::SeqCst);
         -EIO
     });
     let io = job.started.take();
