@@ -13,8 +13,9 @@
 //!   (read from each module's `.modinfo`, since the package ships no modules.dep) behind a
 //!   generated `/bin/loadmod`, programs with their shared libraries (`ldd`), the common `/init`
 //!   (tests/guest/init.sh), the test's script and its parameters (`/etc/guest.env`);
-//! - the boot: QEMU q35 under TCG (KVM with this kernel does not get past early boot on the
-//!   development machines), a virtio-scsi-pci controller at 0000:00:04.0 with the test's drives,
+//! - the boot: QEMU q35 under KVM where a probe shows KVM boots this kernel, TCG otherwise
+//!   (KVM with this kernel does not get past early boot on the development machines:
+//!   [`accel_args`]), a virtio-scsi-pci controller at 0000:00:04.0 with the test's drives,
 //!   the serial console in a file, an overall timeout, and QEMU killed by pid when the run ends
 //!   or the test panics;
 //! - the results: the `VSCSI-GUEST: key=value` lines and the final `VSCSI-GUEST-DONE rc=N`.
@@ -107,6 +108,89 @@ pub fn skip_reason() -> Option<String> {
     (!found).then(|| {
         "qemu-system-x86_64 is not installed (scripts/install-deps.sh installs it)".to_string()
     })
+}
+
+/// How the guests run: `-accel kvm -cpu host` where KVM boots this kernel, else TCG with
+/// `-cpu max`. Decided once per process: when `/dev/kvm` opens read-write, a probe boots the
+/// kernel (no initramfs; it panics at the root mount) under KVM and accepts KVM if it prints
+/// its banner within 10 s. On the development machines it does not (nested KVM: `-cpu host`
+/// fails on MSR 0x10a, other models stall right after decompression), so they use TCG.
+/// `VSCSI_GUEST_ACCEL=tcg|kvm` skips the probe.
+pub fn accel_args(kernel: &Path) -> &'static [&'static str] {
+    CHOSEN_ACCEL.get_or_init(|| {
+        match std::env::var("VSCSI_GUEST_ACCEL").as_deref() {
+            Ok("kvm") => return KVM,
+            Ok("tcg") => return TCG,
+            _ => {}
+        }
+        let usable = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if usable && kvm_boots(kernel, KVM) {
+            eprintln!("guest: KVM boots this kernel; using it");
+            KVM
+        } else {
+            eprintln!(
+                "guest: using TCG (KVM {})",
+                if usable {
+                    "does not boot this kernel here"
+                } else {
+                    "not available"
+                }
+            );
+            TCG
+        }
+    })
+}
+
+const KVM: &[&str] = &["-accel", "kvm", "-cpu", "host"];
+const TCG: &[&str] = &["-accel", "tcg", "-cpu", "max"];
+static CHOSEN_ACCEL: OnceLock<&'static [&'static str]> = OnceLock::new();
+
+/// `"kvm"` or `"tcg"` once a guest has been booted in this process ([`accel_args`]).
+pub fn accel_name() -> Option<&'static str> {
+    CHOSEN_ACCEL.get().and_then(|a| a.get(1)).copied()
+}
+
+/// Whether `kernel` gets as far as its banner under `accel` within 10 s.
+fn kvm_boots(kernel: &Path, accel: &[&str]) -> bool {
+    let Ok(dir) = tempfile::Builder::new()
+        .prefix("vscsi-kvm-probe-")
+        .tempdir()
+    else {
+        return false;
+    };
+    let serial = dir.path().join("serial.log");
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-M", "q35"])
+        .args(accel)
+        .args(["-smp", "1", "-m", "256M", "-nodefaults", "-display", "none"])
+        .args(["-no-reboot", "-monitor", "none"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", "console=ttyS0 panic=-1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(child) = child else { return false };
+    let mut qemu = QemuGuard(Some(child));
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if fs::read_to_string(&serial).is_ok_and(|s| s.contains("Linux version")) {
+            return true;
+        }
+        if let Ok(Some(_)) = qemu.try_wait() {
+            // QEMU gave up (e.g. an MSR the host refuses) or the kernel already ended.
+            return fs::read_to_string(&serial).is_ok_and(|s| s.contains("Linux version"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }
 
 /// An exclusive `flock` on a file, released when dropped (the descriptor is closed).
@@ -833,7 +917,9 @@ impl Guest {
         let log = File::create(&qemu_log)
             .map_err(|e| GuestError(format!("create {}: {e}", qemu_log.display())))?;
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2"])
+        cmd.args(["-M", "q35"])
+            .args(accel_args(&self.kernel.vmlinuz))
+            .args(["-smp", "2"])
             .args(["-m", &format!("{}M", self.memory_mib)])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
             .args(["-no-reboot", "-monitor", "none"])

@@ -302,8 +302,9 @@ fn bench_guest() {
 
     let mut rows = Vec::new();
     println!(
-        "\nguest: Debian {} under TCG, -smp 2, virtio-scsi-pci num_queues=2, drive {drive}",
-        run.expect_mark("uname")
+        "\nguest: Debian {} under {}, -smp 2, virtio-scsi-pci num_queues=2, drive {drive}",
+        run.expect_mark("uname"),
+        guest::accel_name().unwrap_or("?").to_uppercase()
     );
     println!(
         "{:>4}  {:>12} {:>12} {:>7}   {:>10} {:>10} {:>10} {:>10}",
@@ -356,7 +357,7 @@ fn bench_guest() {
     }
     let report = serde_json::json!({
         "kernel": run.mark("uname"),
-        "accel": "tcg",
+        "accel": guest::accel_name(),
         "drive": drive,
         "ipc": ipc,
         "daemon": run.mark("cmd_daemon"),
