@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Owns the in-guest comparison of issue 8: virtio-scsid driving a virtio-scsi PCI device from
 # inside a Linux guest (`--pci`, through uio_pci_generic) against Linux's own virtio-scsi driver
-# on the same device, in one boot of one QEMU machine (Debian's kernel under KVM if it boots there, else TCG; -smp 2, 2 GiB,
-# virtio-scsi-pci with num_queues=2 at 0000:00:04.0, disk 0 a 1 GiB null-co drive that reads
-# zeroes, so the figures are the software paths: no storage behind them).
+# on the same device, in one boot of one QEMU machine (Debian's kernel under KVM if it boots
+# there, else TCG; -smp 2, 2 GiB, virtio-scsi-pci with num_queues=2 at 0000:00:04.0, disk 0 a
+# 1 GiB null-co drive that reads zeroes, so the figures are the software paths: no storage
+# behind them).
 #
 # In the guest (tests/guest/bench.sh, booted by the ignored test `bench_guest` in
 # tests/tests/linux_guest.rs through the harness tests/src/guest.rs; our binaries are built
