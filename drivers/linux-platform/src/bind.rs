@@ -83,11 +83,90 @@ impl Sysfs {
         self.write(&self.root.join("bus/pci/drivers_probe"), &bdf.to_string())
     }
 
+    /// The block devices (`sda`, `sda1`, ...) on the function's disks that something uses:
+    /// mounted (their `major:minor` in `mountinfo`, the text of `/proc/self/mountinfo`), swap
+    /// (`/dev/NAME` in `swaps`, the text of `/proc/swaps`), or held by another block device
+    /// (RAID, LVM, dm: `holders/` not empty). Taking the function from its kernel driver would
+    /// pull them from under their users. Sysfs symlinks are not followed (they loop), and the
+    /// walk is bounded in depth.
+    pub(crate) fn disks_in_use(&self, bdf: &Bdf, mountinfo: &str, swaps: &str) -> Vec<String> {
+        let mounted: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2))
+            .collect();
+        let swapped: Vec<&str> = swaps
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let mut found = Vec::new();
+        let mut check = |dir: &Path, name: &str| {
+            let dev = fs::read_to_string(dir.join("dev")).unwrap_or_default();
+            let dev = dev.trim();
+            let held = fs::read_dir(dir.join("holders")).is_ok_and(|mut d| d.next().is_some());
+            let node = format!("/dev/{name}");
+            let why = if !dev.is_empty() && mounted.contains(&dev) {
+                Some("mounted")
+            } else if swapped.contains(&node.as_str()) {
+                Some("swap")
+            } else if held {
+                Some("held by another block device")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                found.push(format!("{name} ({why})"));
+            }
+        };
+        // Disks are `.../block/NAME`; their partitions are subdirectories with a `partition`
+        // file.
+        let mut stack = vec![(self.device(bdf), 0u32)];
+        while let Some((dir, depth)) = stack.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue; // files, and symlinks (`driver`, `subsystem`, ...)
+                }
+                if e.file_name() == "block" {
+                    for disk in fs::read_dir(&path).into_iter().flatten().flatten() {
+                        let name = disk.file_name().to_string_lossy().into_owned();
+                        check(&disk.path(), &name);
+                        for part in fs::read_dir(disk.path()).into_iter().flatten().flatten() {
+                            if part.path().join("partition").exists() {
+                                check(&part.path(), &part.file_name().to_string_lossy());
+                            }
+                        }
+                    }
+                } else if depth < 8 {
+                    stack.push((path, depth + 1));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
     /// See [`bind_uio`].
     pub(crate) fn bind_uio(&self, bdf: &Bdf) -> Result<PathBuf, Error> {
         let dev = self.existing_device(bdf)?;
         let current = self.current_driver(bdf)?;
         if current.as_deref() != Some(UIO_DRIVER) {
+            let busy = self.disks_in_use(
+                bdf,
+                &fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+                &fs::read_to_string("/proc/swaps").unwrap_or_default(),
+            );
+            if !busy.is_empty() {
+                return Err(Error::Setup(format!(
+                    "PCI {bdf} carries disks in use: {}; unmount them (swapoff, stop what holds \
+                     them) first: taking the function from {} would pull them from under \
+                     their users",
+                    busy.join(", "),
+                    current.as_deref().unwrap_or("its driver")
+                )));
+            }
             if !self.driver_dir(UIO_DRIVER).exists() {
                 return Err(Error::Setup(format!(
                     "the {UIO_DRIVER} driver is not loaded (no {}): `modprobe {UIO_DRIVER}`, or \
@@ -262,6 +341,36 @@ mod tests {
         let now = sys.rebind_kernel(&bdf).expect("rebind");
         assert_eq!(now.as_deref(), Some("virtio-pci"));
         assert_eq!(read(dev.join("driver_override")), "\n");
+    }
+
+    #[test]
+    fn disks_in_use_are_found_and_refuse_the_bind() {
+        let (_d, sys, bdf) = tree(Some("virtio-pci"), true);
+        let sda = sys
+            .device(&bdf)
+            .join("virtio1/host0/target0:0:0/0:0:0:0/block/sda");
+        for (dir, dev) in [
+            (sda.clone(), "8:0"),
+            (sda.join("sda1"), "8:1"),
+            (sda.join("sda2"), "8:2"),
+        ] {
+            fs::create_dir_all(dir.join("holders")).expect("holders");
+            fs::write(dir.join("dev"), format!("{dev}\n")).expect("dev");
+        }
+        fs::write(sda.join("sda1/partition"), "1\n").expect("partition");
+        fs::write(sda.join("sda2/partition"), "2\n").expect("partition");
+        let mountinfo = "22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n";
+        let swaps = "Filename Type Size Used Priority\n/dev/sda2 partition 1024 0 -2\n";
+        assert_eq!(
+            sys.disks_in_use(&bdf, mountinfo, swaps),
+            vec!["sda1 (mounted)".to_string(), "sda2 (swap)".to_string()]
+        );
+        assert!(sys.disks_in_use(&bdf, "", "").is_empty());
+        fs::create_dir_all(sda.join("holders/dm-0")).expect("holder");
+        assert_eq!(
+            sys.disks_in_use(&bdf, "", ""),
+            vec!["sda (held by another block device)".to_string()]
+        );
     }
 
     #[test]
