@@ -188,6 +188,7 @@ pub struct DaemonBuilder {
     args: Vec<String>,
     socket: PathBuf,
     envs: Vec<(String, String)>,
+    own_group: bool,
 }
 
 impl DaemonBuilder {
@@ -200,7 +201,15 @@ impl DaemonBuilder {
             ],
             socket: dir.join("vscsid.sock"),
             envs: Vec::new(),
+            own_group: false,
         }
+    }
+
+    /// Starts the daemon in a process group of its own (its pid is the group id), as a shell
+    /// does for a foreground job, so a test can signal the whole group like a Ctrl-C does.
+    pub fn own_process_group(mut self) -> Self {
+        self.own_group = true;
+        self
     }
 
     /// Adds a disk.
@@ -242,6 +251,9 @@ impl DaemonBuilder {
             .stderr(Stdio::piped());
         for (k, v) in &self.envs {
             cmd.env(k, v);
+        }
+        if self.own_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         }
         // CI may lack KVM: VSCSI_TEST_ACCEL=tcg forces the machine every test starts.
         if let Ok(accel) = std::env::var("VSCSI_TEST_ACCEL") {

@@ -464,3 +464,36 @@ fn a_dying_qemu_is_reported_and_the_daemon_exits_nonzero() {
         "I/O after the machine died must fail"
     );
 }
+
+/// A Ctrl-C in the daemon's terminal sends SIGINT to its whole foreground process group. QEMU
+/// runs in a group of its own, so only the daemon gets it: it flushes every disk (the
+/// machine still up), stops QEMU itself and exits 0, and the data written just before is in
+/// the image.
+#[test]
+fn ctrl_c_to_the_process_group_flushes_before_qemu_stops() {
+    let dir = tmp();
+    let disk = TestDisk::create(dir.path(), "d.img", DISK_BYTES, 77);
+    let mut daemon = DaemonBuilder::new(dir.path())
+        .disk(&disk)
+        .own_process_group()
+        .start();
+    let qemu = daemon.qemu_pid().expect("QEMU pid");
+    let c = daemon.client();
+    let h = c
+        .open("disk.virtio-scsi:/0", OpenFlags::READ_WRITE)
+        .expect("open");
+    let data = Rng::new(77).bytes(256 * 1024);
+    c.write_all_at(&h, 3 * MIB + 7, &data).expect("write");
+    drop(c);
+    // SAFETY: kill(2) with a negative pid signals the process group the test created for the
+    // daemon (its pid is the group id); no memory is involved.
+    let r = unsafe { libc::kill(-daemon.pid(), libc::SIGINT) };
+    assert_eq!(r, 0, "kill(-pgid, SIGINT)");
+    let status = daemon.wait(Duration::from_secs(60));
+    let out = daemon.output();
+    assert!(status.success(), "exit status {status}:\n{out}");
+    assert!(out.contains("all disks flushed"), "{out}");
+    assert!(!out.contains("flush of disk"), "a flush failed:\n{out}");
+    assert!(!is_qemu(qemu), "QEMU is gone after the daemon");
+    assert!(disk.read_image(3 * MIB + 7, data.len()) == data);
+}

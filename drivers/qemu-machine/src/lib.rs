@@ -234,7 +234,12 @@ fn machine_thread(spawn: Spawn, shared: Arc<Shared>, tx: mpsc::SyncSender<Connec
     cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(stdout)
-        .stderr(log);
+        .stderr(log)
+        // Its own process group: a Ctrl-C in the daemon's terminal (SIGINT to the foreground
+        // group) or a signal to the daemon's group must reach the daemon alone, which then
+        // flushes every disk before it stops QEMU. Had QEMU received it too, it would be gone
+        // before the flush. (PR_SET_PDEATHSIG below still ends QEMU with the daemon.)
+        .process_group(0);
     // SAFETY: the closure runs in the forked child before exec. It only calls prctl (a plain
     // system call, async-signal-safe) and, on failure, builds an `io::Error` from errno
     // (no allocation). PR_SET_PDEATHSIG makes the kernel SIGKILL QEMU when this thread ends,
