@@ -219,9 +219,9 @@ impl AsyncIo {
         let mut slot = queue.reattach(id);
         let mut answer = slot.try_result();
         if answer.is_none() && queue.drain() > 0 {
-            // Not answered yet, but the used ring had entries: an owner that polls anyway
-            // (the shared-memory poller spins while busy) collects its completion without
-            // waiting for the interrupt and the completion thread. `drain` answers every
+            // Not answered yet, but the used ring had entries: an owner that polls before the
+            // completion thread got to them (e.g. the shared-memory poller's deadline scan)
+            // collects its completion without waiting for the interrupt. `drain` answers every
             // popped slot as the completion thread would (wakers included).
             answer = slot.try_result();
         }
