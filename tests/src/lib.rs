@@ -454,6 +454,48 @@ impl Daemon {
         let _ = writer.join();
         out
     }
+
+    /// Runs `vscsi args...` with `stdin` and insists that it succeeds; returns its stdout.
+    pub fn vscsi_ok(&self, args: &[&str], stdin: &[u8]) -> String {
+        let o = self.vscsi(args, stdin);
+        assert!(
+            o.status.success(),
+            "vscsi {args:?} failed: {}\ndaemon:\n{}",
+            show_output(&o),
+            self.output()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs `vscsi args...`, which must fail with status 1 and exactly one line on stderr;
+    /// returns what it printed.
+    pub fn vscsi_fails(&self, args: &[&str]) -> std::process::Output {
+        let o = self.vscsi(args, b"");
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "vscsi {args:?}: {}",
+            show_output(&o)
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "one error line: {}",
+            show_output(&o)
+        );
+        o
+    }
+}
+
+/// A finished command's status, stdout and stderr, for assertion messages.
+pub fn show_output(o: &std::process::Output) -> String {
+    format!(
+        "{}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 impl Drop for Daemon {

@@ -10,10 +10,10 @@
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vscsi_tests::{Daemon, DaemonBuilder, Rng, TestDisk, bin};
+use vscsi_tests::{Daemon, DaemonBuilder, Rng, TestDisk, bin, show_output as show};
 
 const MIB: u64 = 1 << 20;
 const DISK_BYTES: u64 = 32 * MIB;
@@ -50,34 +50,16 @@ fn crc32c(data: &[u8]) -> u32 {
     !crc
 }
 
-fn show(o: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// Runs `vscsi args...` against the daemon and insists that it succeeds; returns stdout.
 fn vscsi_ok(daemon: &Daemon, args: &[&str]) -> String {
-    let o = daemon.vscsi(args, b"");
-    assert!(
-        o.status.success(),
-        "vscsi {args:?} failed: {}\ndaemon:\n{}",
-        show(&o),
-        daemon.output()
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    daemon.vscsi_ok(args, b"")
 }
 
 /// Runs `vscsi args...`, which must fail with status 1 and one `vscsi: copy ...` line on
 /// stderr; returns that line.
 fn vscsi_fails(daemon: &Daemon, args: &[&str]) -> String {
-    let o = daemon.vscsi(args, b"");
-    assert_eq!(o.status.code(), Some(1), "vscsi {args:?}: {}", show(&o));
+    let o = daemon.vscsi_fails(args);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(err.lines().count(), 1, "one error line: {}", show(&o));
     assert!(err.starts_with("vscsi: copy "), "{}", show(&o));
     err
 }

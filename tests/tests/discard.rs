@@ -6,9 +6,7 @@
 //! Disks that cannot discard (read-only) give a clear error; QEMU's default `discard=ignore`
 //! takes the command and leaves the data, which is what SCSI allows.
 
-use std::process::Output;
-
-use vscsi_tests::{Daemon, DaemonBuilder, Rng, TestDisk};
+use vscsi_tests::{Daemon, DaemonBuilder, Rng, TestDisk, show_output as show};
 
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
@@ -20,40 +18,16 @@ fn tmp() -> tempfile::TempDir {
         .expect("temp dir")
 }
 
-fn show(o: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Runs `vscsi args...` with `stdin` and insists that it succeeds; returns stdout.
-fn vscsi_ok(daemon: &Daemon, args: &[&str], stdin: &[u8]) -> String {
-    let o = daemon.vscsi(args, stdin);
-    assert!(
-        o.status.success(),
-        "vscsi {args:?} failed: {}\ndaemon:\n{}",
-        show(&o),
-        daemon.output()
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// Runs `vscsi args...`, which must fail with status 1 and one error line; returns it.
 fn vscsi_fails(daemon: &Daemon, args: &[&str]) -> String {
-    let o = daemon.vscsi(args, b"");
-    assert_eq!(o.status.code(), Some(1), "vscsi {args:?}: {}", show(&o));
+    let o = daemon.vscsi_fails(args);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(err.lines().count(), 1, "one error line: {}", show(&o));
     assert!(o.stdout.is_empty(), "{}", show(&o));
     err
 }
 
 fn discard(daemon: &Daemon, path: &str, offset: u64, length: u64) {
-    vscsi_ok(
-        daemon,
+    daemon.vscsi_ok(
         &[
             "discard",
             path,
@@ -67,7 +41,7 @@ fn discard(daemon: &Daemon, path: &str, offset: u64, length: u64) {
 }
 
 fn stat_json(daemon: &Daemon, path: &str) -> serde_json::Value {
-    let text = vscsi_ok(daemon, &["stat", path, "--json"], b"");
+    let text = daemon.vscsi_ok(&["stat", path, "--json"], b"");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("stat --json: {e}: {text}"))
 }
 
@@ -123,12 +97,11 @@ fn discard_punches_a_hole_exactly_in_the_range() {
     // A pattern written through the daemon around and over the range, flushed.
     let mut rng = Rng::new(5);
     let pattern = rng.bytes((4 * MIB + 8 * KIB) as usize);
-    vscsi_ok(
-        &daemon,
+    daemon.vscsi_ok(
         &["write", "disk.virtio-scsi:/0", "--offset", "2044K"],
         &pattern,
     );
-    vscsi_ok(&daemon, &["sync", "disk.virtio-scsi:/0"], b"");
+    daemon.vscsi_ok(&["sync", "disk.virtio-scsi:/0"], b"");
     assert!(d512.read_image(2 * MIB - 4 * KIB, pattern.len()) == pattern);
     assert_eq!(
         d512.next_data(0),
@@ -141,8 +114,7 @@ fn discard_punches_a_hole_exactly_in_the_range() {
     let image = d512.read_image(0, (32 * MIB) as usize);
 
     // Discard 4 MiB at 2 MiB (human sizes work).
-    vscsi_ok(
-        &daemon,
+    daemon.vscsi_ok(
         &[
             "discard",
             "disk.virtio-scsi:/0",
@@ -269,7 +241,7 @@ fn disks_that_cannot_discard_say_so() {
     // write-protected, so it cannot discard, and says so.
     let st = stat_json(&daemon, "disk.virtio-scsi:/0");
     assert_eq!(st["can_discard"], false, "{st}");
-    let text = vscsi_ok(&daemon, &["stat", "disk.virtio-scsi:/0"], b"");
+    let text = daemon.vscsi_ok(&["stat", "disk.virtio-scsi:/0"], b"");
     assert!(text.contains("discard:    no\n"), "{text}");
     let before = ro.read_image(0, (4 * MIB) as usize);
     let e = vscsi_fails(

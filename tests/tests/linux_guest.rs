@@ -158,23 +158,34 @@ fn kernel_driver_in_guest() {
         eprintln!("SKIP kernel_driver_in_guest: {why}");
         return;
     }
+    let (_dir, disk, g) = plan_guest(include_str!("../guest/kernel-driver.sh"));
+    let (expected, around) = (expected_reads(&disk), edges(&disk));
+    let run = boot(g);
+    assert_eq!(run.expect_mark("kernel_driver"), "virtio-pci");
+    check_plan(&run, &disk, &expected);
+    check_edges(&disk, &around);
+}
+
+/// A guest running `script` on the test image (with its plan of reads and writes), and the
+/// image with its temp dir.
+fn plan_guest(script: &'static str) -> (tempfile::TempDir, TestDisk, Guest) {
     let dir = tmp();
     let disk = image(dir.path());
-    let expected = expected_reads(&disk);
-    let around = edges(&disk);
-    let mut g = Guest::new(Profile::Debug, include_str!("../guest/kernel-driver.sh"))
-        .expect("prepare the guest");
+    let mut g = Guest::new(Profile::Debug, script).expect("prepare the guest");
     g.raw_image(&disk.path);
     plan_env(&mut g);
+    (dir, disk, g)
+}
+
+/// Boots `g`, prints its console and insists that its script succeeded.
+fn boot(mut g: Guest) -> guest::GuestRun {
     let run = g.run().expect("boot the guest");
     eprintln!(
         "guest console:\n{}\nguest ran for {:.1?}",
         run.serial, run.elapsed
     );
     run.assert_ok();
-    assert_eq!(run.expect_mark("kernel_driver"), "virtio-pci");
-    check_plan(&run, &disk, &expected);
-    check_edges(&disk, &around);
+    run
 }
 
 /// The daemon in the guest with `--pci`: listing, reads of the host's bytes, writes the host
@@ -185,24 +196,13 @@ fn daemon_pci_in_guest() {
         eprintln!("SKIP daemon_pci_in_guest: {why}");
         return;
     }
-    let dir = tmp();
-    let disk = image(dir.path());
-    let expected = expected_reads(&disk);
-    let around = edges(&disk);
-    let mut g = Guest::new(Profile::Debug, include_str!("../guest/daemon-pci.sh"))
-        .expect("prepare the guest");
+    let (_dir, disk, g) = plan_guest(include_str!("../guest/daemon-pci.sh"));
+    let (expected, around) = (expected_reads(&disk), edges(&disk));
     assert!(
         guest::daemon_has_pci(&g.binaries).expect("virtio-scsid --help"),
         "virtio-scsid has no --pci option (the Linux platform backend, drivers/linux-platform)"
     );
-    g.raw_image(&disk.path);
-    plan_env(&mut g);
-    let run = g.run().expect("boot the guest");
-    eprintln!(
-        "guest console:\n{}\nguest ran for {:.1?}",
-        run.serial, run.elapsed
-    );
-    run.assert_ok();
+    let run = boot(g);
     assert_eq!(run.expect_mark("daemon"), "serving");
     assert_eq!(run.expect_mark("daemon_rc"), "0", "{}", run.serial);
 

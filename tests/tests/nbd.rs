@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vscsi_tests::{Daemon, DaemonBuilder, Rng, TestDisk, bin};
+use vscsi_tests::{Daemon, DaemonBuilder, Rng, TestDisk, bin, show_output as show};
 
 const MIB: u64 = 1 << 20;
 const DISK_BYTES: u64 = 16 * MIB;
@@ -188,15 +188,6 @@ fn finish_tool(mut child: Child, what: &str) -> Output {
         stdout: t_out.join().unwrap_or_default(),
         stderr: t_err.join().unwrap_or_default(),
     }
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Runs a tool and insists that it succeeds; returns its standard output.

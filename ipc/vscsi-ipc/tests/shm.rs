@@ -815,17 +815,15 @@ fn child_client_process() {
     }
 }
 
-#[test]
-fn killed_client_is_cleaned_up() {
-    let mut dev = MemDevice::new(&[(512, 65536)]);
-    dev.gate_lba = Some(0);
-    let (ts, arenas) = shm_server(dev, |_| {});
-    let stop = Arc::new(AtomicBool::new(false));
-    let good = good_client(ts.path.clone(), 16 * MIB as u64, stop.clone());
-    wait_until("good client session", Duration::from_secs(10), || {
-        arenas.live() == 1
-    });
-
+/// Starts `child_client_process` (this test binary again) against the server at `path` and
+/// waits until it says it has requests going. The child's stdout stays open as long as the
+/// returned reader lives (the child keeps printing).
+fn spawn_child_client(
+    path: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "child_client_process",
@@ -833,7 +831,7 @@ fn killed_client_is_cleaned_up() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(CHILD_ENV, &ts.path)
+        .env(CHILD_ENV, path)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -846,6 +844,21 @@ fn killed_client_is_cleaned_up() {
             "child died"
         );
     }
+    (child, out)
+}
+
+#[test]
+fn killed_client_is_cleaned_up() {
+    let mut dev = MemDevice::new(&[(512, 65536)]);
+    dev.gate_lba = Some(0);
+    let (ts, arenas) = shm_server(dev, |_| {});
+    let stop = Arc::new(AtomicBool::new(false));
+    let good = good_client(ts.path.clone(), 16 * MIB as u64, stop.clone());
+    wait_until("good client session", Duration::from_secs(10), || {
+        arenas.live() == 1
+    });
+
+    let (mut child, _out) = spawn_child_client(&ts.path);
     wait_until(
         "child reads held in the device",
         Duration::from_secs(10),
@@ -874,26 +887,7 @@ fn killed_client_is_cleaned_up() {
 fn killed_client_with_fast_requests_in_the_device_is_cleaned_up() {
     let (ts, arenas) = shm_server(MemDevice::with_async(&[(512, 65536)]), |_| {});
     ts.device.async_hold.store(true, Ordering::SeqCst);
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "child_client_process",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, &ts.path)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    while !line.contains("child: ready") {
-        line.clear();
-        assert!(
-            std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
-            "child died"
-        );
-    }
+    let (mut child, _out) = spawn_child_client(&ts.path);
     wait_until(
         "child requests held in the device",
         Duration::from_secs(10),

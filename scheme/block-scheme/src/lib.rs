@@ -419,6 +419,22 @@ impl<D: BlockDevice> DiskScheme<D> {
     /// `EBADF` for an unknown/closed handle, the root, or a handle without write access;
     /// `EROFS` if the disk is read-only.
     pub fn write(&self, id: usize, offset: u64, buf: &[u8]) -> Result<usize> {
+        self.modify(id, buf.is_empty(), 0, |disk, geo, lock| {
+            io::write_at(&*self.device, disk, geo, lock, offset, buf)
+        })
+    }
+
+    /// Runs an operation that changes the handle's region, `op(disk, region, range lock)`:
+    /// `EBADF` for an unknown/closed handle, the root, or a handle without write access; then
+    /// `nothing` (no device I/O) when `is_empty`. Afterwards a whole-disk handle tells the
+    /// partition-table cache that the table may have changed (even if `op` failed part way).
+    fn modify<T>(
+        &self,
+        id: usize,
+        is_empty: bool,
+        nothing: T,
+        op: impl FnOnce(usize, &Geometry, &RangeLock) -> Result<T>,
+    ) -> Result<T> {
         let handle = self.handles.get(id)?;
         if !handle.can_write {
             return Err(Error::new(EBADF));
@@ -426,14 +442,13 @@ impl<D: BlockDevice> DiskScheme<D> {
         if let Target::Root { .. } = handle.target {
             return Err(Error::new(EBADF));
         }
-        if buf.is_empty() {
-            return Ok(0);
+        if is_empty {
+            return Ok(nothing);
         }
         let (disk, geo) = self.region(&handle.target)?;
         let lock = self.range_lock(disk);
-        let result = io::write_at(&*self.device, disk, &geo, &lock, offset, buf);
+        let result = op(disk, &geo, &lock);
         if let Target::Disk { .. } = handle.target {
-            // It may have rewritten the partition table (even if it failed part way).
             self.tables.note_write(disk);
         }
         result
@@ -548,24 +563,9 @@ impl<D: BlockDevice> DiskScheme<D> {
     /// device cannot discard ([`BlockDevice::can_discard`]); then the device's errno. The
     /// blocks are held in the disk's range lock while they are discarded, as for a write.
     pub fn discard(&self, id: usize, offset: u64, len: u64) -> Result<()> {
-        let handle = self.handles.get(id)?;
-        if !handle.can_write {
-            return Err(Error::new(EBADF));
-        }
-        if let Target::Root { .. } = handle.target {
-            return Err(Error::new(EBADF));
-        }
-        if len == 0 {
-            return Ok(());
-        }
-        let (disk, geo) = self.region(&handle.target)?;
-        let lock = self.range_lock(disk);
-        let result = io::discard_at(&*self.device, disk, &geo, &lock, offset, len);
-        if let Target::Disk { .. } = handle.target {
-            // It may have discarded the partition table (even if it failed part way).
-            self.tables.note_write(disk);
-        }
-        result
+        self.modify(id, len == 0, (), |disk, geo, lock| {
+            io::discard_at(&*self.device, disk, geo, lock, offset, len)
+        })
     }
 
     /// Writes `len` zero bytes at byte `offset`: a write (every write rule applies: end of
@@ -574,23 +574,9 @@ impl<D: BlockDevice> DiskScheme<D> {
     /// else zero buffers are written. Returns the bytes zeroed, short only when the range
     /// crosses the end.
     pub fn write_zeroes(&self, id: usize, offset: u64, len: u64) -> Result<u64> {
-        let handle = self.handles.get(id)?;
-        if !handle.can_write {
-            return Err(Error::new(EBADF));
-        }
-        if let Target::Root { .. } = handle.target {
-            return Err(Error::new(EBADF));
-        }
-        if len == 0 {
-            return Ok(0);
-        }
-        let (disk, geo) = self.region(&handle.target)?;
-        let lock = self.range_lock(disk);
-        let result = io::write_zeroes_at(&*self.device, disk, &geo, &lock, offset, len);
-        if let Target::Disk { .. } = handle.target {
-            self.tables.note_write(disk);
-        }
-        result
+        self.modify(id, len == 0, 0, |disk, geo, lock| {
+            io::write_zeroes_at(&*self.device, disk, geo, lock, offset, len)
+        })
     }
 
     /// Who the handle's disk is ([`BlockDevice::identity`]; a partition's is its disk's).
