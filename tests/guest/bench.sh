@@ -1,12 +1,16 @@
 # Guest half of tests/linux_guest.rs `bench_guest` (scripts/bench-guest.sh; sourced by /init,
 # `set -e`): 4 KiB random reads on disk 0 at each queue depth of $QDS for $RUNTIME seconds,
-# first through virtio-scsid (`vscsi bench` over the disk.virtio-scsi scheme), then, after the
-# device is handed back to Linux, through the kernel's virtio-scsi driver (fio on /dev/sda,
-# O_DIRECT, $FIO_ENGINE; latency percentiles of submission to completion, as vscsi bench's).
-# Each result is one JSON line (`ours_qdN`, `kernel_qdN`), each
-# command is marked too (`cmd_ours_qdN`, `cmd_kernel_qdN`).
+# first through virtio-scsid (`vscsi bench` over the disk.virtio-scsi scheme), then through our
+# driver in process (`inproc-bench --engine poll`: one polling thread, no IPC, as SPDK's perf
+# drives its drivers), then, after the device is handed back to Linux, through the kernel's
+# virtio-scsi driver (fio on /dev/sda, O_DIRECT, $FIO_ENGINE; latency percentiles of
+# submission to completion, as ours). Each result is one JSON line (`ours_qdN`, `inproc_qdN`,
+# `kernel_qdN`), each command is marked too (`cmd_ours_qdN`, `cmd_inproc_qdN`,
+# `cmd_kernel_qdN`).
 # $DAEMON_ARGS: more flags for virtio-scsid (e.g. --poll-us 200), split on spaces.
 # shellcheck disable=SC2086
+# The clock every timestamp costs (with hpet, each is a system call and an emulated MMIO read).
+mark clocksource "$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 start_daemon $DAEMON_ARGS
 mark cmd_daemon "virtio-scsid --pci $PCI --socket $SOCK --queues 2 --allow-any-user $DAEMON_ARGS"
 for qd in $QDS; do
@@ -16,6 +20,13 @@ for qd in $QDS; do
     mark "ours_qd$qd" "$(cat /tmp/ours.json)"
 done
 stop_daemon
+# The device is still bound to uio_pci_generic; inproc-bench takes it as the daemon did.
+for qd in $QDS; do
+    cmd="inproc-bench --pci $PCI --queues 2 --engine poll --zero-copy --rw randread --bs 4096 --iodepth $qd --runtime $RUNTIME"
+    mark "cmd_inproc_qd$qd" "$cmd"
+    $cmd > /tmp/inproc.json
+    mark "inproc_qd$qd" "$(cat /tmp/inproc.json)"
+done
 give_to_kernel
 for qd in $QDS; do
     cmd="fio --name=randread --filename=/dev/sda --direct=1 --ioengine=$FIO_ENGINE --rw=randread --bs=4k --iodepth=$qd --runtime=$RUNTIME --time_based --clocksource=clock_gettime --lat_percentiles=1 --output-format=json --output=/tmp/fio.json"

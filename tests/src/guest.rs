@@ -402,9 +402,12 @@ pub struct GuestBinaries {
     pub virtio_scsid: PathBuf,
     /// The CLI.
     pub vscsi: PathBuf,
+    /// The in-process driver benchmark (`drivers/virtio-scsid/src/bin/inproc-bench.rs`; not
+    /// in the initramfs unless a test adds it).
+    pub inproc_bench: PathBuf,
 }
 
-/// Builds `virtio-scsid` and `vscsi` statically linked (`-C target-feature=+crt-static`, glibc's
+/// Builds `virtio-scsid`, `vscsi` and `inproc-bench` statically linked (`-C target-feature=+crt-static`, glibc's
 /// static libraries) into `target/guest`, a target dir of their own so that the main build is
 /// not invalidated by the different flags. Without debug info (smaller initramfs, faster
 /// build). One build at a time across processes (a lock file; cargo would block on its own
@@ -417,7 +420,14 @@ pub fn build_binaries(profile: Profile) -> Result<GuestBinaries> {
     cmd.current_dir(workspace_root())
         .args(["build", "--locked", "--target", STATIC_TARGET])
         .args(["-p", "virtio-scsid", "-p", "vscsi"])
-        .args(["--bin", "virtio-scsid", "--bin", "vscsi"])
+        .args([
+            "--bin",
+            "virtio-scsid",
+            "--bin",
+            "vscsi",
+            "--bin",
+            "inproc-bench",
+        ])
         .arg("--target-dir")
         .arg(&target)
         // Flags from an outer cargo would take precedence over RUSTFLAGS.
@@ -443,8 +453,9 @@ pub fn build_binaries(profile: Profile) -> Result<GuestBinaries> {
     let bins = GuestBinaries {
         virtio_scsid: dir.join("virtio-scsid"),
         vscsi: dir.join("vscsi"),
+        inproc_bench: dir.join("inproc-bench"),
     };
-    for b in [&bins.virtio_scsid, &bins.vscsi] {
+    for b in [&bins.virtio_scsid, &bins.vscsi, &bins.inproc_bench] {
         if !b.is_file() {
             return err(format!("the build left no {}", b.display()));
         }

@@ -235,8 +235,9 @@ fn daemon_pci_in_guest() {
     assert_eq!(run.expect_mark("kernel_driver"), "virtio-pci");
 }
 
-/// Benchmark (scripts/bench-guest.sh): 4 KiB random reads through the daemon (`vscsi bench`)
-/// and through Linux's driver (fio on /dev/sda), same guest, same device, same drive.
+/// Benchmark (scripts/bench-guest.sh): 4 KiB random reads through the daemon (`vscsi bench`),
+/// through our driver in process (`inproc-bench --engine poll`) and through Linux's driver
+/// (fio on /dev/sda), same guest, same device, same drive.
 /// Parameters (environment): VSCSI_GUEST_BENCH_RUNTIME (seconds per point, default 10),
 /// VSCSI_GUEST_BENCH_QDS (default "1 32"), VSCSI_GUEST_BENCH_IPC (`vscsi bench --ipc`: socket,
 /// shm or shm-copy; default socket), VSCSI_GUEST_BENCH_DAEMON_ARGS (more virtio-scsid flags,
@@ -281,7 +282,9 @@ fn bench_guest() {
 
     let mut g =
         Guest::new(Profile::Release, include_str!("../guest/bench.sh")).expect("prepare the guest");
+    let inproc = g.binaries.inproc_bench.clone();
     g.initramfs()
+        .file("bin/inproc-bench", &inproc, 0o755)
         .program_with_libs("usr/bin/fio", &fio)
         .expect("fio and its libraries");
     let qd_list: Vec<String> = qds.iter().map(u32::to_string).collect();
@@ -292,33 +295,50 @@ fn bench_guest() {
         .env("IPC", &ipc)
         .env("DAEMON_ARGS", &daemon_args)
         .memory_mib(2048)
-        // Boot and hand-over take well under a minute under TCG; each point runs twice (ours,
-        // kernel), with room for a loaded machine.
+        // Boot and hand-over take well under a minute under TCG; each point runs three times
+        // (daemon, in process, kernel), with room for a loaded machine.
         .timeout(Duration::from_secs(
-            240 + 3 * 2 * runtime * qds.len() as u64,
+            240 + 3 * 3 * runtime * qds.len() as u64,
         ));
     let run = g.run().expect("boot the guest");
     run.assert_ok();
 
     let mut rows = Vec::new();
     println!(
-        "\nguest: Debian {} under {}, -smp 2, virtio-scsi-pci num_queues=2, drive {drive}",
+        "\nguest: Debian {} under {}, -smp 2, virtio-scsi-pci num_queues=2, drive {drive}, clocksource {}",
         run.expect_mark("uname"),
-        guest::accel_name().unwrap_or("?").to_uppercase()
+        guest::accel_name().unwrap_or("?").to_uppercase(),
+        run.mark("clocksource").unwrap_or("?")
     );
     println!(
-        "{:>4}  {:>12} {:>12} {:>7}   {:>10} {:>10} {:>10} {:>10}",
-        "QD", "ours IOPS", "kernel IOPS", "ratio", "ours p50", "kern p50", "ours p99", "kern p99"
+        "{:>4}  {:>10} {:>10} {:>10} {:>7} {:>7}   {:>9} {:>9} {:>9}   {:>9} {:>9} {:>9}",
+        "QD",
+        "daemon",
+        "inproc",
+        "kernel",
+        "dmn/k",
+        "inp/k",
+        "dmn p50",
+        "inp p50",
+        "kern p50",
+        "dmn p99",
+        "inp p99",
+        "kern p99"
     );
+    // IOPS, p50 and p99 (µs) of one of our JSON results (vscsi bench, inproc-bench).
+    let ours_figures = |mark: &str, what: &str| {
+        let v: serde_json::Value = serde_json::from_str(run.expect_mark(mark)).expect(what);
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        (f("iops"), f("lat_p50_us"), f("lat_p99_us"))
+    };
     for qd in &qds {
-        let ours: serde_json::Value =
-            serde_json::from_str(run.expect_mark(&format!("ours_qd{qd}")))
-                .expect("vscsi bench JSON");
+        let (o_iops, o50, o99) = ours_figures(&format!("ours_qd{qd}"), "vscsi bench JSON");
+        let (i_iops, i50, i99) = ours_figures(&format!("inproc_qd{qd}"), "inproc-bench JSON");
         let fio: serde_json::Value =
             serde_json::from_str(run.expect_mark(&format!("kernel_qd{qd}"))).expect("fio JSON");
         let read = &fio["jobs"][0]["read"];
         let pct = |p: &str| {
-            // Submission to completion (`lat`), as vscsi bench measures; fio without
+            // Submission to completion (`lat`), as ours measure; fio without
             // --lat_percentiles has only `clat`.
             read["lat_ns"]["percentile"][p]
                 .as_f64()
@@ -326,38 +346,37 @@ fn bench_guest() {
                 .unwrap_or(f64::NAN)
                 / 1000.0
         };
-        let (o_iops, k_iops) = (
-            ours["iops"].as_f64().unwrap_or(f64::NAN),
-            read["iops"].as_f64().unwrap_or(f64::NAN),
-        );
-        let (o50, o99) = (
-            ours["lat_p50_us"].as_f64().unwrap_or(f64::NAN),
-            ours["lat_p99_us"].as_f64().unwrap_or(f64::NAN),
-        );
+        let k_iops = read["iops"].as_f64().unwrap_or(f64::NAN);
         let (k50, k99) = (pct("50.000000"), pct("99.000000"));
         println!(
-            "{qd:>4}  {o_iops:>12.0} {k_iops:>12.0} {:>7.2}   {o50:>8.1}us {k50:>8.1}us {o99:>8.1}us {k99:>8.1}us",
-            o_iops / k_iops
+            "{qd:>4}  {o_iops:>10.0} {i_iops:>10.0} {k_iops:>10.0} {:>7.2} {:>7.2}   {o50:>7.1}us {i50:>7.1}us {k50:>7.1}us   {o99:>7.1}us {i99:>7.1}us {k99:>7.1}us",
+            o_iops / k_iops,
+            i_iops / k_iops
         );
         rows.push(serde_json::json!({
             "qd": qd,
             "ours": { "iops": o_iops, "lat_p50_us": o50, "lat_p99_us": o99,
                       "command": run.mark(&format!("cmd_ours_qd{qd}")) },
+            "inproc": { "iops": i_iops, "lat_p50_us": i50, "lat_p99_us": i99,
+                        "command": run.mark(&format!("cmd_inproc_qd{qd}")) },
             "kernel": { "iops": k_iops, "lat_p50_us": k50, "lat_p99_us": k99,
                         "lat_mean_us": read["lat_ns"]["mean"].as_f64().map(|m| m / 1000.0),
                         "command": run.mark(&format!("cmd_kernel_qd{qd}")) },
             "iops_ratio_ours_over_kernel": o_iops / k_iops,
+            "iops_ratio_inproc_over_kernel": i_iops / k_iops,
         }));
     }
     println!("\ncommands in the guest:");
     println!("  {}", run.expect_mark("cmd_daemon"));
     for qd in &qds {
-        println!("  {}", run.expect_mark(&format!("cmd_ours_qd{qd}")));
-        println!("  {}", run.expect_mark(&format!("cmd_kernel_qd{qd}")));
+        for what in ["ours", "inproc", "kernel"] {
+            println!("  {}", run.expect_mark(&format!("cmd_{what}_qd{qd}")));
+        }
     }
     let report = serde_json::json!({
         "kernel": run.mark("uname"),
         "accel": guest::accel_name(),
+        "clocksource": run.mark("clocksource"),
         "drive": drive,
         "ipc": ipc,
         "daemon": run.mark("cmd_daemon"),

@@ -146,6 +146,11 @@ pub struct ScsiHost {
     control: Mutex<ControlQueue>,
     /// Bumped by the completion thread after every wake-up (TMF callers wait on it).
     epoch: Epoch,
+    /// Threads busy-polling the request queues now ([`ScsiHost::begin_busy_poll`] and the
+    /// completion thread's `poll_busy`). The request queues' interrupts are off exactly while
+    /// this is above 0: changed, with the flags, only under this lock, so the last one out
+    /// always turns them back on (and drains once more, for what came in between).
+    pollers: Mutex<usize>,
     /// Hotplug and parameter-change events (drained by the completion thread, handled by the
     /// event thread through `events_tx`).
     event: Mutex<EventQueue>,
@@ -154,6 +159,8 @@ pub struct ScsiHost {
     reset_lock: Mutex<()>,
     /// Recovery counters: commands that timed out, TMFs sent, device resets.
     timeouts: AtomicU64,
+    /// Completions collected by busy polls (`busy_poll`), not by the interrupt path.
+    busy_polled: AtomicU64,
     tmfs: AtomicU64,
     resets: AtomicU64,
     /// When the device last asked for a reset itself (DEVICE_NEEDS_RESET), and how many
@@ -263,12 +270,14 @@ impl ScsiHost {
             violations: AtomicU64::new(0),
             control: Mutex::new(control),
             epoch: Epoch::default(),
+            pollers: Mutex::new(0),
             event: Mutex::new(event),
             events_tx: Mutex::new(None),
             gone: Mutex::new(Vec::new()),
             disk_generation: AtomicU64::new(0),
             reset_lock: Mutex::new(()),
             timeouts: AtomicU64::new(0),
+            busy_polled: AtomicU64::new(0),
             tmfs: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             needs_reset_run: Mutex::new((None, 0)),
@@ -583,6 +592,7 @@ impl ScsiHost {
             invariant_checked: self.tracker.is_some(),
             invariant_violations: self.violations.load(Ordering::Relaxed),
             timeouts: self.timeouts.load(Ordering::Relaxed),
+            busy_polled: self.busy_polled.load(Ordering::Relaxed),
             tmfs: self.tmfs.load(Ordering::Relaxed),
             resets: self.resets.load(Ordering::Relaxed),
         }
@@ -1313,6 +1323,8 @@ pub struct HostStats {
     pub invariant_violations: u64,
     /// Commands that timed out.
     pub timeouts: u64,
+    /// Completions collected by busy polling (`--poll-us`), not by the interrupt path.
+    pub busy_polled: u64,
     /// Task management functions sent.
     pub tmfs: u64,
     /// Device resets.
@@ -1340,6 +1352,7 @@ impl std::fmt::Display for HostStats {
             writeln!(f, "invariant_violations {}", self.invariant_violations)?;
         }
         writeln!(f, "command_timeouts {}", self.timeouts)?;
+        writeln!(f, "busy_polled_completions {}", self.busy_polled)?;
         writeln!(f, "task_management_functions {}", self.tmfs)?;
         writeln!(f, "device_resets {}", self.resets)?;
         Ok(())
@@ -1519,14 +1532,15 @@ impl ScsiHost {
     ///
     /// Interrupts of the request queues are off only inside this call, and every exit turns
     /// them on and drains once more, so a completion that slipped in between is not missed.
+    ///
+    /// Not while an owner busy-polls (`begin_busy_poll`): its polls answer every queue's
+    /// commands, blocking waiters' included, and one spinning thread is enough.
     fn poll_busy(&self) -> (usize, bool) {
         let budget = self.cfg.poll;
-        if budget.is_zero() || !self.device_busy() {
+        if budget.is_zero() || !self.device_busy() || self.owners_polling() {
             return (0, false);
         }
-        for q in &self.queues {
-            q.set_interrupts(false);
-        }
+        self.begin_busy_poll();
         let started = Instant::now();
         let mut last = started;
         let mut work = 0;
@@ -1535,7 +1549,7 @@ impl ScsiHost {
             if self.stop.load(Ordering::Relaxed) {
                 break false;
             }
-            let n: usize = self.queues.iter().map(RequestQueue::drain).sum();
+            let n = self.busy_poll();
             if n > 0 {
                 work += n;
                 last = Instant::now();
@@ -1545,23 +1559,80 @@ impl ScsiHost {
                 }
                 continue;
             }
-            if !self.device_busy() || last.elapsed() >= budget {
+            spins = spins.wrapping_add(1);
+            // The clock only now and then: where it is not the TSC (hpet in many guests) each
+            // reading is a system call and an emulated device access.
+            if spins.is_multiple_of(CLOCK_EVERY)
+                && (!self.device_busy() || last.elapsed() >= budget)
+            {
                 break false;
             }
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(64) {
+            if spins.is_multiple_of(64 * CLOCK_EVERY) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
             }
         };
+        work += self.end_busy_poll();
+        (work, slice_ended)
+    }
+
+    /// Whether a thread other than the completion thread busy-polls now.
+    fn owners_polling(&self) -> bool {
+        *self.pollers.lock().unwrap_or_else(|p| p.into_inner()) > 0
+    }
+
+    /// Starts busy polling by the calling thread (e.g. a server's poller waiting for its
+    /// split-phase commands, [`crate::AsyncIo`]): the request queues stop interrupting for
+    /// completions until the last poller calls [`ScsiHost::end_busy_poll`]. Until then the
+    /// caller must call [`ScsiHost::busy_poll`] continually (every queue's completions,
+    /// blocking waiters' included, are answered only by polls and by the completion thread's
+    /// periodic wake-up); each `begin` needs exactly one `end`.
+    pub fn begin_busy_poll(&self) {
+        let mut n = self.pollers.lock().unwrap_or_else(|p| p.into_inner());
+        *n += 1;
+        if *n == 1 {
+            for q in &self.queues {
+                q.set_interrupts(false);
+            }
+        }
+    }
+
+    /// Collects every completion the device has posted on the request queues now, answering
+    /// their commands (waking blocked waiters, calling wakers) as the completion thread does.
+    /// Returns how many. Never blocks on the device; cheap when nothing came (a look at each
+    /// used index under its queue's lock).
+    pub fn busy_poll(&self) -> usize {
+        let n = self.queues.iter().map(RequestQueue::drain).sum();
+        if n > 0 {
+            self.busy_polled.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        n
+    }
+
+    /// Ends a [`ScsiHost::begin_busy_poll`]. The last poller turns the interrupts back on and
+    /// then drains once more (a completion posted while they were off raised none). Returns
+    /// what that drain collected.
+    pub fn end_busy_poll(&self) -> usize {
+        let mut n = self.pollers.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return 0;
+        }
         for q in &self.queues {
             q.set_interrupts(true);
         }
-        work += self.queues.iter().map(RequestQueue::drain).sum::<usize>();
-        (work, slice_ended)
+        drop(n);
+        // The flag stores before the used-index loads of the drain (the device orders its
+        // used-index store before its flag load the same way), or a completion could slip
+        // between the two sides unseen.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.busy_poll()
     }
 }
+
+/// Busy-poll loops read the clock once per this many empty spins.
+const CLOCK_EVERY: u32 = 32;
 
 fn completion_loop(host: Weak<ScsiHost>) {
     // Interrupts in a row that brought nothing (ISR 0, no used entries): a line stuck high

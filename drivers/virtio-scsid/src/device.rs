@@ -157,6 +157,19 @@ impl BlockDevice for HostDevices {
         self.host.stats().to_string()
     }
 
+    fn begin_busy_poll(&self) -> bool {
+        self.host.begin_busy_poll();
+        true
+    }
+
+    fn busy_poll(&self) -> usize {
+        self.host.busy_poll()
+    }
+
+    fn end_busy_poll(&self) {
+        self.host.end_busy_poll();
+    }
+
     fn async_io(&self, waker: Arc<dyn IoWaker>) -> Option<Box<dyn AsyncBlockIo>> {
         Some(Box::new(HostIo {
             host: self.host.clone(),

@@ -107,8 +107,11 @@ struct Args {
     #[arg(long, default_value_t = 5_000)]
     tmf_timeout_ms: u64,
     /// Busy-poll completions while I/O is in flight, falling back to interrupts after this
-    /// many microseconds without one (0: interrupts only). Costs a CPU while busy; saves the
-    /// interrupt path (worth it with `--pci`, where each interrupt goes through UIO).
+    /// many microseconds without one (0: interrupts only). A shared-memory session's poller
+    /// polls for the requests it started itself (and its submission ring as long between
+    /// requests); otherwise the completion thread polls.
+    /// Costs a CPU while busy; saves the interrupt path and the wake-ups after it (worth it
+    /// with `--pci`, where each interrupt goes through UIO).
     #[arg(long, default_value_t = 0)]
     poll_us: u64,
     /// A TOML file of settings: each key is one of these long flags (`queues = 4`,
@@ -433,6 +436,12 @@ fn serve(
                 }
             }),
             arena_bytes: args.arena_mib.max(1) << 20,
+            // Busy polling covers a session's whole round trip: the poller polls the device
+            // for its requests and, between requests, its submission ring.
+            shm_poll: Duration::from_micros(args.poll_us),
+            shm_spin: ServerConfig::default()
+                .shm_spin
+                .max(Duration::from_micros(args.poll_us)),
             ..ServerConfig::default()
         },
         scheme,

@@ -117,6 +117,12 @@ pub struct ServerConfig {
     /// Longest time a session's poller spins on an empty ring before it sleeps (adaptive
     /// below this); 0 never spins.
     pub shm_spin: Duration,
+    /// Busy polling of the device by a session's poller: with requests it started itself in
+    /// flight and nothing else to do, it polls the device's completions
+    /// ([`block_scheme::BlockDevice::busy_poll`], the device's interrupts off meanwhile) for
+    /// up to this long without progress before it sleeps until a completion wakes it. 0 (the
+    /// default): it sleeps at once.
+    pub shm_poll: Duration,
     /// Whether a session's poller starts aligned whole-block reads and writes itself, without
     /// a worker, when the device has split-phase I/O ([`block_scheme::BlockDevice::async_io`];
     /// see [`crate::shm_server`]). On by default; off, every request goes to the shm workers.
@@ -135,6 +141,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("arena", &self.arena.is_some())
             .field("arena_bytes", &self.arena_bytes)
             .field("shm_spin", &self.shm_spin)
+            .field("shm_poll", &self.shm_poll)
             .field("shm_async", &self.shm_async)
             .finish()
     }
@@ -157,6 +164,7 @@ impl ServerConfig {
             } else {
                 Duration::ZERO
             },
+            shm_poll: Duration::ZERO,
             shm_async: true,
         }
     }
@@ -445,6 +453,7 @@ impl<D: BlockDevice> Server<D> {
                     arena_bytes: self.config.arena_bytes.max(4096),
                     max_in_flight: u32::try_from(limits.max_in_flight).unwrap_or(u32::MAX),
                     spin: self.config.shm_spin,
+                    poll: self.config.shm_poll,
                     jobs: shm_queue.clone(),
                     scheme: self
                         .config

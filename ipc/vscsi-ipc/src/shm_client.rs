@@ -580,21 +580,25 @@ impl Session {
         })
     }
 
-    /// Waits (holding the reaper role) until the completion ring has entries, the deadline
-    /// passes, or the session ends: spin adaptively, then sleep on the doorbell.
-    fn wait_cq(&self, head: u32, deadline: Option<Instant>, dead: &dyn Fn() -> bool) {
+    /// Waits (holding the reaper role) until the completion ring has entries, `timeout`
+    /// passes, or the session ends: spin adaptively, then sleep on the doorbell. The clock is
+    /// read only while spinning, and then only now and then: where it is not the TSC (hpet in
+    /// many guests) each reading is a system call and an emulated device access.
+    fn wait_cq(&self, head: u32, timeout: Option<Duration>, dead: &dyn Fn() -> bool) {
         let has = || self.ring.word(off::CQ_TAIL).load(Ordering::Acquire) != head;
         let mut spin = *lock(&self.spin);
-        let t0 = Instant::now();
-        let mut i = 0u32;
-        while t0.elapsed() < spin {
+        let t0 = (!spin.is_zero()).then(Instant::now);
+        let mut pacer = shm::ClockPacer::new();
+        while let Some(t0) = t0 {
             if has() {
                 spin = (spin * 2).min(CLIENT_SPIN_MAX);
                 *lock(&self.spin) = spin;
                 return;
             }
-            i = i.wrapping_add(1);
-            if i.is_multiple_of(64) {
+            if pacer.due() {
+                if t0.elapsed() >= spin {
+                    break;
+                }
                 thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -610,12 +614,9 @@ impl Session {
             sleeping.store(0, Ordering::Relaxed);
             return;
         }
-        let timeout = deadline.map(|d| {
-            let left = d.saturating_duration_since(Instant::now());
-            Timespec {
-                tv_sec: left.as_secs() as i64,
-                tv_nsec: i64::from(left.subsec_nanos()),
-            }
+        let timeout = timeout.map(|left| Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
         });
         let mut fds = [PollFd::new(&self.client_bell, PollFlags::IN)];
         let _ = poll(&mut fds, timeout.as_ref());
@@ -632,7 +633,8 @@ impl Session {
         out: &mut Vec<Completion>,
         dead: &dyn Fn() -> Option<ClientError>,
     ) -> Result<usize, ClientError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // Set when the first wait starts (the clock is read only if there is waiting to do).
+        let mut deadline: Option<Instant> = None;
         let mut got = 0;
         loop {
             let outstanding = {
@@ -653,13 +655,22 @@ impl Session {
                 return Err(e);
             }
             self.check_broken()?;
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            // What is left of the timeout: all of it before the first wait.
+            let left = match (timeout, deadline) {
+                (None, _) => None,
+                (Some(t), None) => {
+                    deadline = Some(Instant::now() + t);
+                    Some(t)
+                }
+                (Some(_), Some(d)) => Some(d.saturating_duration_since(Instant::now())),
+            };
+            if left.is_some_and(|l| l.is_zero()) {
                 return Ok(got);
             }
             match self.cq.try_lock() {
                 Ok(mut head) => {
                     if self.drain_cq(&mut head)? == 0 {
-                        self.wait_cq(*head, deadline, &|| dead().is_some());
+                        self.wait_cq(*head, left, &|| dead().is_some());
                         self.drain_cq(&mut head)?;
                     }
                     drop(head);
@@ -718,8 +729,9 @@ impl Session {
                         };
                         if !mine_done() {
                             // Bounded: the connection's death is noticed within it too.
-                            let d = Instant::now() + Duration::from_millis(50);
-                            self.wait_cq(*head, Some(d), &|| dead().is_some());
+                            self.wait_cq(*head, Some(Duration::from_millis(50)), &|| {
+                                dead().is_some()
+                            });
                             self.drain_cq(&mut head)?;
                         }
                     }

@@ -138,6 +138,8 @@ pub(crate) struct ShmService {
     pub(crate) arena_bytes: usize,
     pub(crate) max_in_flight: u32,
     pub(crate) spin: Duration,
+    /// `ServerConfig::shm_poll`.
+    pub(crate) poll: Duration,
     pub(crate) jobs: Arc<JobQueue>,
     /// The scheme, for the pollers' fast path; `None`: every request goes to the workers.
     pub(crate) scheme: Option<Arc<dyn AsyncScheme>>,
@@ -160,6 +162,12 @@ pub(crate) trait AsyncScheme: Send + Sync {
         offset: u64,
         buf: AsyncBuf,
     ) -> block_scheme::Result<bool>;
+    /// The device's [`BlockDevice::begin_busy_poll`].
+    fn begin_busy_poll(&self) -> bool;
+    /// The device's [`BlockDevice::busy_poll`].
+    fn busy_poll(&self) -> usize;
+    /// The device's [`BlockDevice::end_busy_poll`].
+    fn end_busy_poll(&self);
 }
 
 impl<D: BlockDevice> AsyncScheme for DiskScheme<D> {
@@ -177,6 +185,34 @@ impl<D: BlockDevice> AsyncScheme for DiskScheme<D> {
     ) -> block_scheme::Result<bool> {
         // SAFETY: the caller's contract is this one's.
         unsafe { DiskScheme::submit_async(self, slot, id, write, offset, buf) }
+    }
+
+    fn begin_busy_poll(&self) -> bool {
+        self.device().begin_busy_poll()
+    }
+
+    fn busy_poll(&self) -> usize {
+        self.device().busy_poll()
+    }
+
+    fn end_busy_poll(&self) {
+        self.device().end_busy_poll();
+    }
+}
+
+/// One busy-polling episode of a poller: ended (the device's interrupts back) when dropped,
+/// however the poller leaves it.
+struct BusyPolling<'a>(&'a dyn AsyncScheme);
+
+impl<'a> BusyPolling<'a> {
+    fn begin(scheme: &'a dyn AsyncScheme) -> Option<Self> {
+        scheme.begin_busy_poll().then_some(BusyPolling(scheme))
+    }
+}
+
+impl Drop for BusyPolling<'_> {
+    fn drop(&mut self) {
+        self.0.end_busy_poll();
     }
 }
 
@@ -416,6 +452,8 @@ pub(crate) struct ShmConn {
     book: Mutex<Book>,
     idle_cv: Condvar,
     spin_max: Duration,
+    /// `ServerConfig::shm_poll` (0: no busy polling of the device).
+    poll_max: Duration,
 }
 
 // SAFETY: the raw arena pointer is the only non-Send/Sync field; the arena stays mapped until
@@ -621,6 +659,7 @@ pub(crate) fn setup(
         }),
         idle_cv: Condvar::new(),
         spin_max: svc.spin,
+        poll_max: svc.poll,
     });
     let (s2, c2, jobs) = (session.clone(), conn.clone(), svc.jobs.clone());
     let poller = thread::Builder::new()
@@ -704,6 +743,8 @@ struct PollerState {
     /// No fast request in flight is overdue before this instant (a lower bound, recomputed
     /// when it passes); `None` when none is in flight.
     earliest: Option<Instant>,
+    /// Calls of `reap` with fast requests in flight (for how often it reads the clock).
+    reaps: u32,
     /// Slots whose fast request goes to a worker: a bitmap filled under the book lock and
     /// emptied after it is released (pushing a job may wait).
     slow: Box<[u64]>,
@@ -1050,7 +1091,14 @@ impl ShmConn {
             st.earliest = None;
             return false;
         }
-        let now = st.earliest.map(|_| Instant::now());
+        // The clock (a system call where it is not the TSC) only when the bell brought
+        // nothing (e.g. the poller woke for the earliest deadline) or every `CLOCK_EVERY`
+        // reaps: deadlines are seconds away, completions come every few microseconds.
+        st.reaps = st.reaps.wrapping_add(1);
+        let now = st
+            .earliest
+            .filter(|_| st.reaps.is_multiple_of(CLOCK_EVERY) || !self.bell.any_done())
+            .map(|_| Instant::now());
         let scan_all = matches!((st.earliest, now), (Some(e), Some(n)) if n >= e);
         let mut next_earliest: Option<Instant> = None;
         let mut posted = false;
@@ -1193,6 +1241,33 @@ impl ShmConn {
         }
     }
 
+    /// With fast requests in flight and nothing else to do: polls the device for their
+    /// completions (interrupts off meanwhile) until a pass would find work (`true`), or for
+    /// `poll_max` (`false`: then the poller sleeps until a waker rings, as without polling).
+    /// Saves, per completion, the interrupt, the completion thread's wake-up and this
+    /// thread's. The clock is read sparingly ([`shm::ClockPacer`]).
+    fn busy_poll_device(&self, st: &PollerState, blocked: bool) -> bool {
+        let Some(scheme) = self.scheme.as_deref().filter(|_| !self.poll_max.is_zero()) else {
+            return false;
+        };
+        let Some(_polling) = BusyPolling::begin(scheme) else {
+            return false;
+        };
+        let t0 = Instant::now();
+        let mut pacer = shm::ClockPacer::new();
+        loop {
+            // Completions ring the bell (`has_work`), as from the completion thread.
+            scheme.busy_poll();
+            if self.has_work(st, blocked) || self.stop.load(Ordering::Relaxed) {
+                return true;
+            }
+            if pacer.due() && t0.elapsed() >= self.poll_max {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// Whether a pass would find work now (cheap; for spinning and the pre-sleep re-check).
     fn has_work(&self, st: &PollerState, blocked: bool) -> bool {
         if st.fast_in_flight > 0 && self.bell.any_done() {
@@ -1211,6 +1286,9 @@ impl ShmConn {
     }
 }
 
+/// `reap` reads the clock (for overdue requests) at least once per this many calls.
+const CLOCK_EVERY: u32 = 32;
+
 /// The per-connection poller: consumes submissions, starts and collects fast requests, spins
 /// briefly when idle, then sleeps on the doorbell and its bell (lost-wake-up-free: see
 /// [`crate::shm`] and [`PollerBell`]). However it ends, it hands its fast requests in flight
@@ -1222,6 +1300,7 @@ fn poll_loop(s: &Arc<ShmConn>, conn: &Arc<Conn>, jobs: &JobQueue) {
         admitted: 0,
         fast_in_flight: 0,
         earliest: None,
+        reaps: 0,
         slow: vec![0; n.div_ceil(64)].into_boxed_slice(),
     };
     let run = catch_unwind(AssertUnwindSafe(|| run_poller(s, conn, jobs, &mut st)));
@@ -1261,17 +1340,22 @@ fn run_poller(s: &Arc<ShmConn>, conn: &Arc<Conn>, jobs: &JobQueue, st: &mut Poll
         if reaped {
             continue;
         }
-        // Spin.
-        let t0 = Instant::now();
+        if st.fast_in_flight > 0 && s.busy_poll_device(st, blocked) {
+            continue;
+        }
+        // Spin (reading the clock sparingly: `shm::ClockPacer`).
+        let t0 = (!spin.is_zero()).then(Instant::now);
         let mut found = false;
-        let mut i = 0u32;
-        while t0.elapsed() < spin {
+        let mut pacer = shm::ClockPacer::new();
+        while let Some(t0) = t0 {
             if s.has_work(st, blocked) || s.stop.load(Ordering::Relaxed) {
                 found = true;
                 break;
             }
-            i = i.wrapping_add(1);
-            if i.is_multiple_of(64) {
+            if pacer.due() {
+                if t0.elapsed() >= spin {
+                    break;
+                }
                 thread::yield_now();
             } else {
                 std::hint::spin_loop();

@@ -207,6 +207,22 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn async_io(&self, _waker: Arc<dyn IoWaker>) -> Option<Box<dyn AsyncBlockIo>> {
         None
     }
+    /// Starts busy polling for split-phase I/O: until the matching
+    /// [`BlockDevice::end_busy_poll`] the device may stop interrupting for completions, and
+    /// the caller calls [`BlockDevice::busy_poll`] continually instead (for a server thread
+    /// that would otherwise sleep until its wakers ring). `false`: the device has no such
+    /// mode (the default) and the caller waits for its wakers.
+    fn begin_busy_poll(&self) -> bool {
+        false
+    }
+    /// Collects the completions the device has posted now (answering their requests, calling
+    /// their wakers); returns how many. Never blocks. Only between begin and end.
+    fn busy_poll(&self) -> usize {
+        0
+    }
+    /// Ends one [`BlockDevice::begin_busy_poll`] that returned `true`: interrupts come back
+    /// (once no one else polls) and nothing posted meanwhile is lost.
+    fn end_busy_poll(&self) {}
     /// A number that changes whenever the medium of `disk` may have changed in a way its size
     /// does not show (a new medium, a hot-swapped LUN, a capacity-changed unit attention).
     /// The scheme re-reads a disk's partition table when this, its block size or its block
