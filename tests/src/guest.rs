@@ -1061,6 +1061,15 @@ impl GuestRun {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every value marked under `key`, in order.
+    pub fn marks(&self, key: &str) -> Vec<&str> {
+        self.marks
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     /// The last value marked under `key`; panics with the console if there is none.
     pub fn expect_mark(&self, key: &str) -> &str {
         self.mark(key)

@@ -417,6 +417,42 @@ fn busy_polling_sessions_with_verified_data() {
         })
         .unwrap_or_else(|| panic!("no busy_polled_completions in stats:\n{stats}"));
     assert!(polled >= 16, "{stats}");
+    // The CLI over a shared-memory session (`vscsi --shm MIB`): an unaligned write and an
+    // aligned one land in the image, and the host's bytes read back.
+    let text: Vec<u8> = (0..300_000u32)
+        .flat_map(|i| format!("{i:07}\n").into_bytes())
+        .take(1_000_001)
+        .collect();
+    for at in [45 * MIB + 3, 46 * MIB] {
+        let at_s = at.to_string();
+        d.vscsi_ok(
+            &[
+                "--shm",
+                "4",
+                "write",
+                "disk.virtio-scsi:/0",
+                "--offset",
+                &at_s,
+            ],
+            &text,
+        );
+        assert!(disk.read_image(at, text.len()) == text, "CLI write at {at}");
+        let len = text.len().to_string();
+        let back = d.vscsi_ok(
+            &[
+                "--shm",
+                "4",
+                "read",
+                "disk.virtio-scsi:/0",
+                "--offset",
+                &at_s,
+                "--length",
+                &len,
+            ],
+            b"",
+        );
+        assert!(back.as_bytes() == &text[..], "CLI read at {at}");
+    }
     // Idle now (no poller polls, interrupts on): the host's bytes read back through a new
     // session, one request at a time.
     thread::sleep(Duration::from_millis(50));

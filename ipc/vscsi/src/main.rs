@@ -42,6 +42,11 @@ struct Cli {
                 else $XDG_RUNTIME_DIR/virtio-scsid.sock; else /tmp/virtio-scsid-<uid>.sock]"
     )]
     socket: Option<PathBuf>,
+    /// Move requests and data through a shared-memory session (request rings and an arena of
+    /// this many MiB) instead of the socket (every command but `bench`, which has `--ipc`, and
+    /// `nbd`)
+    #[arg(long, value_name = "MIB", global = true)]
+    shm: Option<u32>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -249,9 +254,13 @@ fn mode_string(mode: u16) -> String {
     format!("{:o} ({kind}, permissions {:03o})", mode, mode & MODE_PERM)
 }
 
-fn connect(socket: &Option<PathBuf>) -> Result<Client, Failure> {
+fn connect(socket: &Option<PathBuf>, shm_mib: Option<u32>) -> Result<Client, Failure> {
     let path = socket.clone().unwrap_or_else(default_socket_path);
-    Client::connect(&path).map_err(|e| match e {
+    let client = match shm_mib {
+        Some(mib) => Client::connect_shm(&path, (mib as usize) << 20),
+        None => Client::connect(&path),
+    };
+    client.map_err(|e| match e {
         // Its message already says what it was connecting to.
         ClientError::Connect { .. } => Failure {
             context: String::new(),
@@ -679,7 +688,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         bench::report(&args, &r);
         return Ok(());
     }
-    let c = connect(&cli.socket)?;
+    let c = connect(&cli.socket, cli.shm)?;
     match cli.cmd {
         Cmd::Ls { json } => ls(&c, json),
         Cmd::Stat { path, json } => stat(&c, &path, json),
