@@ -113,8 +113,11 @@ pub fn skip_reason() -> Option<String> {
 /// How the guests run: `-accel kvm -cpu host` where KVM boots this kernel, else TCG with
 /// `-cpu max`. Decided once per process: when `/dev/kvm` opens read-write, a probe boots the
 /// kernel (no initramfs; it panics at the root mount) under KVM and accepts KVM if it prints
-/// its banner within 10 s. On the development machines it does not (nested KVM: `-cpu host`
-/// fails on MSR 0x10a, other models stall right after decompression), so they use TCG.
+/// its banner within 10 s. On the development machines it does not: they are themselves
+/// virtual machines, and under their nested KVM `-cpu host` fails on MSR 0x10a
+/// (IA32_ARCH_CAPABILITIES), while with `-arch-capabilities` or other models the kernel's
+/// decompressor runs at about 100 KB/s (its output pointer sampled from the QEMU monitor), so
+/// the banner would take minutes. They use TCG.
 /// `VSCSI_GUEST_ACCEL=tcg|kvm` skips the probe.
 pub fn accel_args(kernel: &Path) -> &'static [&'static str] {
     CHOSEN_ACCEL.get_or_init(|| {
@@ -135,7 +138,7 @@ pub fn accel_args(kernel: &Path) -> &'static [&'static str] {
             eprintln!(
                 "guest: using TCG (KVM {})",
                 if usable {
-                    "does not boot this kernel here"
+                    "does not boot this kernel here within 10 s"
                 } else {
                     "not available"
                 }
