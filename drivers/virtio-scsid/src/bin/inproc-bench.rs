@@ -289,6 +289,15 @@ impl CompletionWaker for Spinning {
     fn wake(&self) {}
 }
 
+/// Runs a blocking driver call from the polling thread: busy polling pauses meanwhile (the
+/// call waits for an answer that, with interrupts off, only a poll would collect).
+fn blocking<T>(host: &ScsiHost, call: impl FnOnce() -> T) -> T {
+    host.end_busy_poll();
+    let r = call();
+    host.begin_busy_poll();
+    r
+}
+
 /// Engine `poll`: returns the requests done and their latencies (ns).
 fn run_poll(
     host: &Arc<ScsiHost>,
@@ -329,7 +338,10 @@ fn run_poll(
     let mut spins = 0u32;
     'run: loop {
         spins = spins.wrapping_add(1);
-        let stopping = spins.is_multiple_of(64) && Instant::now() >= end;
+        // The clock once per 64 rounds for the end and the deadlines (where it is not the TSC,
+        // each reading is a system call).
+        let now = spins.is_multiple_of(64).then(Instant::now);
+        let stopping = now.is_some_and(|n| n >= end);
         let mut busy = false;
         for (i, entry) in in_flight.iter_mut().enumerate() {
             // SAFETY: buffer `i` is `bs` bytes inside `dma`/`plain` (qd * bs), both alive until
@@ -338,14 +350,14 @@ fn run_poll(
             if let Some((io, t0)) = entry.as_mut() {
                 let t0 = *t0;
                 let state = io.poll();
-                if state == AsyncPoll::Pending && Instant::now() < io.deadline() {
+                if state == AsyncPoll::Pending && now.is_none_or(|n| n < io.deadline()) {
                     busy = true;
                     continue;
                 }
                 // Done, or (an error, a short transfer, overdue) settled the blocking way.
                 let answered = match (state, entry.take()) {
                     (AsyncPoll::Done, _) | (_, None) => Ok(()),
-                    (_, Some((io, _))) => io.finish_blocking(),
+                    (_, Some((io, _))) => blocking(host, || io.finish_blocking()),
                 };
                 if let Err(e) = answered {
                     failure = Some(format!("I/O error: {e}"));
@@ -375,11 +387,13 @@ fn run_poll(
                     // daemon's poller falls back.
                     // SAFETY: as above; no token uses buffer `i` now.
                     let data = unsafe { std::slice::from_raw_parts_mut(buf.as_ptr(), bs) };
-                    let r = if write {
-                        host.write(disk, lba, data)
-                    } else {
-                        host.read(disk, lba, data)
-                    };
+                    let r = blocking(host, || {
+                        if write {
+                            host.write(disk, lba, data)
+                        } else {
+                            host.read(disk, lba, data)
+                        }
+                    });
                     if let Err(e) = r {
                         failure = Some(format!("I/O error: {e}"));
                         break 'run;
