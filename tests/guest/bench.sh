@@ -11,26 +11,27 @@
 # shellcheck disable=SC2086
 # The clock every timestamp costs (with hpet, each is a system call and an emulated MMIO read).
 mark clocksource "$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+# measure NAME COMMAND...: runs COMMAND once per queue depth (each QD in it written @QD@),
+# marks the command as cmd_NAME_qdN and its JSON output (one line) as NAME_qdN.
+measure() {
+    name=$1
+    shift
+    for qd in $QDS; do
+        cmd=$(echo "$*" | sed "s/@QD@/$qd/g")
+        mark "cmd_${name}_qd$qd" "$cmd"
+        $cmd > /tmp/out.json
+        mark "${name}_qd$qd" "$(tr -d '\n' < /tmp/out.json)"
+    done
+}
 start_daemon $DAEMON_ARGS
 mark cmd_daemon "virtio-scsid --pci $PCI --socket $SOCK --queues 2 --allow-any-user $DAEMON_ARGS"
-for qd in $QDS; do
-    cmd="vscsi --socket $SOCK bench disk.virtio-scsi:/0 --rw randread --bs 4k --iodepth $qd --runtime $RUNTIME --ipc $IPC --json"
-    mark "cmd_ours_qd$qd" "$cmd"
-    $cmd > /tmp/ours.json
-    mark "ours_qd$qd" "$(cat /tmp/ours.json)"
-done
+measure ours vscsi --socket "$SOCK" bench disk.virtio-scsi:/0 --rw randread --bs 4k \
+    --iodepth @QD@ --runtime "$RUNTIME" --ipc "$IPC" --json
 stop_daemon
 # The device is still bound to uio_pci_generic; inproc-bench takes it as the daemon did.
-for qd in $QDS; do
-    cmd="inproc-bench --pci $PCI --queues 2 --engine poll --zero-copy --rw randread --bs 4096 --iodepth $qd --runtime $RUNTIME"
-    mark "cmd_inproc_qd$qd" "$cmd"
-    $cmd > /tmp/inproc.json
-    mark "inproc_qd$qd" "$(cat /tmp/inproc.json)"
-done
+measure inproc inproc-bench --pci "$PCI" --queues 2 --engine poll --zero-copy --rw randread \
+    --bs 4096 --iodepth @QD@ --runtime "$RUNTIME"
 give_to_kernel
-for qd in $QDS; do
-    cmd="fio --name=randread --filename=/dev/sda --direct=1 --ioengine=$FIO_ENGINE --rw=randread --bs=4k --iodepth=$qd --runtime=$RUNTIME --time_based --clocksource=clock_gettime --lat_percentiles=1 --output-format=json --output=/tmp/fio.json"
-    mark "cmd_kernel_qd$qd" "$cmd"
-    $cmd
-    mark "kernel_qd$qd" "$(tr -d '\n' < /tmp/fio.json)"
-done
+measure kernel fio --name=randread --filename=/dev/sda --direct=1 --ioengine="$FIO_ENGINE" \
+    --rw=randread --bs=4k --iodepth=@QD@ --runtime="$RUNTIME" --time_based \
+    --clocksource=clock_gettime --lat_percentiles=1 --output-format=json
