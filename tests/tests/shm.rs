@@ -464,3 +464,60 @@ fn busy_polling_sessions_with_verified_data() {
     c.read_exact_at(&h, 50 * MIB, &mut back).expect("read");
     assert!(back == fresh);
 }
+
+/// Closing a handle (over the socket) while the shared-memory session's fast requests on it
+/// are in flight waits for them, as it waits for the socket's own requests: when Close
+/// returns, every write has completed and its completion is posted (a reap that does not wait
+/// finds them all), and the image holds the bytes. The device is throttled (QEMU
+/// `throttling.bps-write`, 2 MiB/s) so that the writes are still in flight when Close is sent.
+#[test]
+fn close_waits_for_the_handles_requests_in_flight() {
+    let dir = tmp();
+    let disk = TestDisk::create(dir.path(), "d.img", DISK_BYTES, 5);
+    let drive = format!(
+        "file={},format=raw,throttling.bps-write=2097152",
+        disk.path.display()
+    );
+    let d = DaemonBuilder::new(dir.path())
+        .arg("--disk-qemu")
+        .arg(&drive)
+        .arg(ARENA_FLAG)
+        .arg("8")
+        .start();
+    let c = connect_shm(&d);
+    let h = c.open("/0", OpenFlags::READ_WRITE).expect("open");
+    let mut rng = Rng::new(77);
+    let n = 16usize;
+    let mut written = Vec::new();
+    for i in 0..n as u64 {
+        let mut b = c.alloc_buf(64 << 10).expect("arena buffer");
+        rng.fill(&mut b);
+        written.push((i * MIB, b.to_vec()));
+        c.prep_write(&h, i * MIB, b).expect("queue write");
+    }
+    c.submit().expect("submit");
+    // Once the first write is back, the poller has taken them all (one pass, microseconds;
+    // each throttled write takes about 30 ms).
+    let mut out = Vec::new();
+    c.reap(1, Some(Duration::from_secs(30)), &mut out)
+        .expect("first completion");
+    let t0 = Instant::now();
+    c.close(h).expect("close");
+    let took = t0.elapsed();
+    let got = c
+        .reap(n - out.len(), Some(Duration::ZERO), &mut out)
+        .expect("reap without waiting");
+    assert_eq!(
+        out.len(),
+        n,
+        "{got} more completions were posted when Close returned after {took:?}"
+    );
+    assert!(
+        out.iter()
+            .all(|c| matches!(c.result, Ok(n) if n == 64 << 10)),
+        "every write succeeded"
+    );
+    for (at, data) in &written {
+        assert!(disk.read_image(*at, data.len()) == *data, "image at {at}");
+    }
+}

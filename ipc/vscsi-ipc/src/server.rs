@@ -1010,8 +1010,16 @@ fn close<D: BlockDevice>(
     let Some(id) = guard.take() else {
         return Err(syscall::error::Error::new(EBADF));
     };
-    let res = scheme.close(id);
+    // No request of this connection uses the handle any more: the socket's held the read
+    // lock (the write lock waited for them), new ones find it closed; the shared-memory
+    // session's fast requests hold no lock, so wait for them too (outside the lock: the
+    // session's poller takes it to start requests).
     drop(guard);
+    let session = lock(&conn.shm).as_ref().map(ShmHandle::session);
+    if let Some(session) = session {
+        session.wait_handle_quiet(handle);
+    }
+    let res = scheme.close(id);
     let mut h = lock(&conn.handles);
     if h.map.get(&handle).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
         h.map.remove(&handle);

@@ -637,16 +637,8 @@ impl Session {
         let mut deadline: Option<Instant> = None;
         let mut got = 0;
         loop {
-            let outstanding = {
-                let mut slots = lock(&self.slots);
-                while let Some(s) = slots.done_async.pop_front() {
-                    if let Some(c) = Self::take(&mut slots, s as usize) {
-                        out.push(c);
-                        got += 1;
-                    }
-                }
-                slots.async_out
-            };
+            got += self.take_done(out);
+            let outstanding = lock(&self.slots).async_out;
             // Never wait for more than can come.
             if got >= min.min(got + outstanding) {
                 return Ok(got);
@@ -656,7 +648,7 @@ impl Session {
             }
             self.check_broken()?;
             // What is left of the timeout: all of it before the first wait.
-            let left = match (timeout, deadline) {
+            let mut left = || match (timeout, deadline) {
                 (None, _) => None,
                 (Some(t), None) => {
                     deadline = Some(Instant::now() + t);
@@ -664,26 +656,51 @@ impl Session {
                 }
                 (Some(_), Some(d)) => Some(d.saturating_duration_since(Instant::now())),
             };
-            if left.is_some_and(|l| l.is_zero()) {
-                return Ok(got);
-            }
             match self.cq.try_lock() {
                 Ok(mut head) => {
+                    // The ring is always looked at once, even with no time to wait.
+                    let mut timed_out = false;
                     if self.drain_cq(&mut head)? == 0 {
-                        self.wait_cq(*head, left, &|| dead().is_some());
-                        self.drain_cq(&mut head)?;
+                        match left() {
+                            Some(l) if l.is_zero() => timed_out = true,
+                            l => {
+                                self.wait_cq(*head, l, &|| dead().is_some());
+                                self.drain_cq(&mut head)?;
+                            }
+                        }
                     }
                     drop(head);
                     self.hand_over();
+                    if timed_out {
+                        return Ok(got + self.take_done(out));
+                    }
                 }
                 Err(TryLockError::Poisoned(p)) => {
                     let mut head = p.into_inner();
                     self.drain_cq(&mut head)?;
                 }
                 // Another thread reaps; it queues our completions and the doorbell wakes it.
-                Err(TryLockError::WouldBlock) => thread::park_timeout(Duration::from_micros(200)),
+                Err(TryLockError::WouldBlock) => {
+                    if left().is_some_and(|l| l.is_zero()) {
+                        return Ok(got + self.take_done(out));
+                    }
+                    thread::park_timeout(Duration::from_micros(200));
+                }
             }
         }
+    }
+
+    /// Moves the finished `prep_*` requests queued for reaping into `out`; returns how many.
+    fn take_done(&self, out: &mut Vec<Completion>) -> usize {
+        let mut slots = lock(&self.slots);
+        let mut n = 0;
+        while let Some(s) = slots.done_async.pop_front() {
+            if let Some(c) = Self::take(&mut slots, s as usize) {
+                out.push(c);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// After leaving the reaper role: wake synchronous waiters so one of them takes it.

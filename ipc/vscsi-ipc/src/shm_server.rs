@@ -364,6 +364,8 @@ struct SlotRange {
     fast: bool,
     /// The request's `user_data` (for the fast path's completion).
     user_data: u64,
+    /// The connection's handle the request names (a Close waits for its requests).
+    handle: u64,
 }
 
 /// Completion-side bookkeeping of one session, under one mutex.
@@ -383,6 +385,9 @@ struct Book {
     /// out while the poller starts a request on it (outside this lock) and while a worker
     /// finishes one blocking (given back with the completion).
     ios: Box<[Option<AsyncSlot>]>,
+    /// Closes waiting for a handle's requests ([`ShmConn::wait_handle_quiet`]): while above
+    /// 0, every completion notifies `idle_cv`.
+    handle_waiters: usize,
 }
 
 /// The poller's wake-up for fast-path completions: its private eventfd (also rung to stop it
@@ -467,6 +472,13 @@ unsafe impl Sync for ShmConn {}
 pub(crate) struct ShmHandle {
     shm: Arc<ShmConn>,
     poller: Option<thread::JoinHandle<()>>,
+}
+
+impl ShmHandle {
+    /// The session (to wait for a handle's requests outside the connection's lock).
+    pub(crate) fn session(&self) -> Arc<ShmConn> {
+        self.shm.clone()
+    }
 }
 
 /// Why set-up failed: an errno for the client and a line for the log.
@@ -656,6 +668,7 @@ pub(crate) fn setup(
             slots: vec![SlotRange::default(); n].into_boxed_slice(),
             free: (0..n as u16).rev().collect(),
             ios: ios.into_boxed_slice(),
+            handle_waiters: 0,
         }),
         idle_cv: Condvar::new(),
         spin_max: svc.spin,
@@ -864,6 +877,27 @@ impl ShmConn {
     }
 
     /// Frees request slot `slot` under the book lock (its request is answered).
+    /// Waits until no request of this session naming the connection's `handle` is in flight
+    /// (a Close: the scheme handle, and what it holds, such as a whole-disk or partition
+    /// exclusion, is released only after them, as the socket's requests are waited for). The
+    /// closing handle gives no new request a start (it names no scheme handle any more), so
+    /// the wait ends when the device answered those in flight (or their recovery ended).
+    /// Returns early only if finishing one of them panicked (its slot may never come back).
+    pub(crate) fn wait_handle_quiet(&self, handle: u64) {
+        let mut b = lock(&self.book);
+        b.handle_waiters += 1;
+        while b.slots.iter().any(|s| s.busy && s.handle == handle)
+            && !self.arena_tainted.load(Ordering::SeqCst)
+        {
+            b = self
+                .idle_cv
+                .wait_timeout(b, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        b.handle_waiters -= 1;
+    }
+
     fn free_slot(b: &mut Book, slot: u16) {
         if let Some(s) = b.slots.get_mut(usize::from(slot)) {
             s.busy = false;
@@ -884,9 +918,9 @@ impl ShmConn {
         }
         Self::free_slot(&mut b, slot);
         self.post(&mut b, user_data, res);
-        let idle = b.in_flight == 0;
+        let notify = b.in_flight == 0 || b.handle_waiters > 0;
         drop(b);
-        if idle {
+        if notify {
             self.idle_cv.notify_all();
         }
         self.wake_client();
@@ -1012,6 +1046,7 @@ impl ShmConn {
                     end,
                     fast: false,
                     user_data: req.user_data,
+                    handle: req.handle,
                 };
             }
             b.in_flight += 1;
@@ -1159,9 +1194,9 @@ impl ShmConn {
             st.earliest = next_earliest.filter(|_| st.fast_in_flight > 0);
         }
         if let Some(b) = book {
-            let idle = b.in_flight == 0;
+            let notify = b.in_flight == 0 || (posted && b.handle_waiters > 0);
             drop(b);
-            if idle {
+            if notify {
                 self.idle_cv.notify_all();
             }
         }
