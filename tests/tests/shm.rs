@@ -246,9 +246,24 @@ fn clients_killed_mid_io_are_cleaned_up_and_others_continue() {
 /// answered exactly once, in bounded time, while another disk keeps serving the same client.
 #[test]
 fn overdue_zero_copy_reads_are_recovered_and_answered_once() {
+    overdue_zero_copy_reads(&[]);
+}
+
+/// The same with busy polling: the poller polls the device for the overdue reads (interrupts
+/// off) until its budget ends, then hands them to the recovery as without polling.
+#[test]
+fn overdue_zero_copy_reads_are_recovered_under_busy_polling() {
+    overdue_zero_copy_reads(&["--poll-us", "1000"]);
+}
+
+fn overdue_zero_copy_reads(extra: &[&str]) {
     let dir = tmp();
     let good = TestDisk::create(dir.path(), "good.img", 4 * MIB, 4);
-    let d = DaemonBuilder::new(dir.path())
+    let mut builder = DaemonBuilder::new(dir.path());
+    for a in extra {
+        builder = builder.arg(a);
+    }
+    let d = builder
         .disk(&good)
         .arg("--disk-qemu")
         .arg("driver=null-co,size=64M,latency-ns=1500000000")
