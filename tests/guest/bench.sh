@@ -9,8 +9,10 @@
 # `cmd_kernel_qdN`).
 # $DAEMON_ARGS: more flags for virtio-scsid (e.g. --poll-us 200), split on spaces.
 # shellcheck disable=SC2086
-# The clock every timestamp costs (with hpet, each is a system call and an emulated MMIO read).
+# The clock every timestamp reads, and what a reading costs (with hpet, each is a system call
+# and an emulated MMIO read).
 mark clocksource "$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+mark clock_cost "$(inproc-bench --clock-cost)"
 # measure NAME COMMAND...: runs COMMAND once per queue depth (each QD in it written @QD@),
 # marks the command as cmd_NAME_qdN and its JSON output (one line) as NAME_qdN.
 measure() {

@@ -314,10 +314,11 @@ fn bench_guest() {
 
     let mut rows = Vec::new();
     println!(
-        "\nguest: Debian {} under {}, -smp 2, virtio-scsi-pci num_queues=2, drive {drive}, clocksource {}",
+        "\nguest: Debian {} under {}, -smp 2, virtio-scsi-pci num_queues=2, drive {drive}, clocksource {} ({})",
         run.expect_mark("uname"),
         guest::accel_name().unwrap_or("?").to_uppercase(),
-        run.mark("clocksource").unwrap_or("?")
+        run.mark("clocksource").unwrap_or("?"),
+        run.mark("clock_cost").unwrap_or("?")
     );
     println!(
         "{:>4}  {:>10} {:>10} {:>10} {:>7} {:>7}   {:>9} {:>9} {:>9}   {:>9} {:>9} {:>9}",
@@ -386,6 +387,7 @@ fn bench_guest() {
         "kernel": run.mark("uname"),
         "accel": guest::accel_name(),
         "clocksource": run.mark("clocksource"),
+        "clock_cost": run.mark("clock_cost"),
         "drive": drive,
         "ipc": ipc,
         "daemon": run.mark("cmd_daemon"),

@@ -86,6 +86,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
+use std::time::{Duration, Instant};
 
 use rustix::event::{EventfdFlags, eventfd};
 use rustix::fs::{MemfdFlags, SealFlags};
@@ -524,12 +525,36 @@ pub fn spin_worthwhile() -> bool {
     n >= 4
 }
 
+/// Spins until `done()` is true (`true`) or `budget` is spent (`false`; at once for a zero
+/// budget), reading the clock sparingly ([`ClockPacer`]) and yielding the CPU at each reading.
+pub(crate) fn spin_until(budget: Duration, mut done: impl FnMut() -> bool) -> bool {
+    if budget.is_zero() {
+        return false;
+    }
+    let t0 = Instant::now();
+    let mut pacer = ClockPacer::new();
+    loop {
+        if done() {
+            return true;
+        }
+        if pacer.due() {
+            if t0.elapsed() >= budget {
+                return false;
+            }
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 /// When a spinning loop reads the clock to see whether its budget is spent: after 32 empty
 /// rounds, then after twice as many each time, up to every 4096 rounds. Where the clock is not
 /// the TSC (hpet in many virtual machines) each reading is a system call and an emulated
-/// device access (about 1 µs in the TCG guest of `scripts/bench-guest.sh`, 30 times a TSC
-/// read), more than a round of a spinning loop; the growing step keeps a loop's readings
-/// logarithmic in its length while overshooting the budget by at most about as long again.
+/// device access (`inproc-bench --clock-cost` measures it; `scripts/bench-guest.sh` prints it
+/// for its guest), more than a round of a spinning loop; the growing step keeps a loop's
+/// readings logarithmic in its length while overshooting the budget by at most about as long
+/// again.
 #[derive(Debug)]
 pub(crate) struct ClockPacer {
     round: u32,

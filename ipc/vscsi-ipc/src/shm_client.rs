@@ -586,23 +586,10 @@ impl Session {
     /// many guests) each reading is a system call and an emulated device access.
     fn wait_cq(&self, head: u32, timeout: Option<Duration>, dead: &dyn Fn() -> bool) {
         let has = || self.ring.word(off::CQ_TAIL).load(Ordering::Acquire) != head;
-        let mut spin = *lock(&self.spin);
-        let t0 = (!spin.is_zero()).then(Instant::now);
-        let mut pacer = shm::ClockPacer::new();
-        while let Some(t0) = t0 {
-            if has() {
-                spin = (spin * 2).min(CLIENT_SPIN_MAX);
-                *lock(&self.spin) = spin;
-                return;
-            }
-            if pacer.due() {
-                if t0.elapsed() >= spin {
-                    break;
-                }
-                thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
+        let spin = *lock(&self.spin);
+        if shm::spin_until(spin, has) {
+            *lock(&self.spin) = (spin * 2).min(CLIENT_SPIN_MAX);
+            return;
         }
         if !spin.is_zero() {
             *lock(&self.spin) = (spin / 2).max(Duration::from_micros(1));

@@ -1280,7 +1280,7 @@ impl ShmConn {
     /// completions (interrupts off meanwhile) until a pass would find work (`true`), or for
     /// `poll_max` (`false`: then the poller sleeps until a waker rings, as without polling).
     /// Saves, per completion, the interrupt, the completion thread's wake-up and this
-    /// thread's. The clock is read sparingly ([`shm::ClockPacer`]).
+    /// thread's.
     fn busy_poll_device(&self, st: &PollerState, blocked: bool) -> bool {
         let Some(scheme) = self.scheme.as_deref().filter(|_| !self.poll_max.is_zero()) else {
             return false;
@@ -1288,19 +1288,11 @@ impl ShmConn {
         let Some(_polling) = BusyPolling::begin(scheme) else {
             return false;
         };
-        let t0 = Instant::now();
-        let mut pacer = shm::ClockPacer::new();
-        loop {
+        shm::spin_until(self.poll_max, || {
             // Completions ring the bell (`has_work`), as from the completion thread.
             scheme.busy_poll();
-            if self.has_work(st, blocked) || self.stop.load(Ordering::Relaxed) {
-                return true;
-            }
-            if pacer.due() && t0.elapsed() >= self.poll_max {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
+            self.has_work(st, blocked) || self.stop.load(Ordering::Relaxed)
+        })
     }
 
     /// Whether a pass would find work now (cheap; for spinning and the pre-sleep re-check).
@@ -1378,24 +1370,9 @@ fn run_poller(s: &Arc<ShmConn>, conn: &Arc<Conn>, jobs: &JobQueue, st: &mut Poll
         if st.fast_in_flight > 0 && s.busy_poll_device(st, blocked) {
             continue;
         }
-        // Spin (reading the clock sparingly: `shm::ClockPacer`).
-        let t0 = (!spin.is_zero()).then(Instant::now);
-        let mut found = false;
-        let mut pacer = shm::ClockPacer::new();
-        while let Some(t0) = t0 {
-            if s.has_work(st, blocked) || s.stop.load(Ordering::Relaxed) {
-                found = true;
-                break;
-            }
-            if pacer.due() {
-                if t0.elapsed() >= spin {
-                    break;
-                }
-                thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
-        }
+        let found = shm::spin_until(spin, || {
+            s.has_work(st, blocked) || s.stop.load(Ordering::Relaxed)
+        });
         if found {
             spin = (spin * 2).clamp(min_spin, s.spin_max);
             continue;

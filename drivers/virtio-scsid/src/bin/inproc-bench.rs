@@ -17,6 +17,7 @@
 //! Usage: inproc-bench [--disk-qemu OPTS | --pci BDF [--dma-mib N]] [--engine threads|poll]
 //!        [--rw randread|randwrite|read] [--bs N] [--jobs N] [--iodepth N] [--runtime S]
 //!        [--zero-copy] [--queues N] [--accel auto|tcg|kvm]
+//!        inproc-bench --clock-cost   (what one clock reading costs here)
 
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -67,6 +68,10 @@ struct Args {
     /// auto, tcg or kvm (the QEMU machine launched).
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// Only measure what one reading of the monotonic clock costs here (no device): prints
+    /// `{"clock_read_ns":N}`.
+    #[arg(long)]
+    clock_cost: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -160,6 +165,16 @@ impl Offsets {
 
 fn main() -> Result<(), String> {
     let a = Args::parse();
+    if a.clock_cost {
+        const READS: u32 = 10_000;
+        let t0 = Instant::now();
+        for _ in 0..READS {
+            std::hint::black_box(Instant::now());
+        }
+        let ns = t0.elapsed().as_nanos() as f64 / f64::from(READS);
+        println!("{{\"clock_read_ns\":{ns:.0}}}");
+        return Ok(());
+    }
     if a.bs == 0 || a.iodepth == 0 || a.jobs == 0 {
         return Err("--bs, --iodepth and --jobs must be at least 1".into());
     }
